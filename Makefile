@@ -1,0 +1,41 @@
+# The two commands that matter: `make run` and `make test`.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+CONSTRAINTS := constraints.txt
+
+.PHONY: run test lint bench system-deps clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.run-installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.test-installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
+	touch $@ $(VENV)/.run-installed
+
+## run: calibrate the built-in SEIR demo on a local Dask cluster of 8 workers
+run: $(VENV)/.run-installed
+	$(BIN)/simcal run --workers 8 --summary simcal-summary.json
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+## test: install everything the suite needs, then run it
+test: system-deps $(VENV)/.test-installed
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check src tests
+
+## bench: the short benchmark run (see docs/performance.md)
+bench: $(VENV)/.test-installed
+	$(BIN)/simcal bench --out bench-results
+
+clean:
+	rm -rf $(VENV) simcal.db simcal-summary.json
