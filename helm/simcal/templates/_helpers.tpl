@@ -1,0 +1,276 @@
+{{/*
+Names, labels and shared snippets for the simcal chart.
+*/}}
+
+{{/* Chart name, overridable with nameOverride. */}}
+{{- define "simcal.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified name: release name + chart name, or fullnameOverride.
+A release name that already contains the chart name is used as is.
+*/}}
+{{- define "simcal.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart label value: name-version */}}
+{{- define "simcal.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels: stable across upgrades. */}}
+{{- define "simcal.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "simcal.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Common labels of every resource. */}}
+{{- define "simcal.labels" -}}
+helm.sh/chart: {{ include "simcal.chart" . }}
+{{ include "simcal.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: simcal
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The DaskCluster name. The operator names the scheduler Service "<name>-scheduler" and
+rejects cluster names longer than 53 characters.
+*/}}
+{{- define "simcal.clusterName" -}}
+{{- $name := include "simcal.fullname" . }}
+{{- if gt (len $name) 53 }}
+{{- fail (printf "the DaskCluster name %q is %d characters long; the Dask operator allows at most 53. Use a shorter release name or set fullnameOverride." $name (len $name)) }}
+{{- end }}
+{{- $name }}
+{{- end }}
+
+{{/* Labels the operator puts on the scheduler pods and Service. */}}
+{{- define "simcal.schedulerSelector" -}}
+dask.org/cluster-name: {{ include "simcal.clusterName" . }}
+dask.org/component: scheduler
+{{- end }}
+
+{{/* Labels the operator puts on the worker pods. */}}
+{{- define "simcal.workerSelector" -}}
+dask.org/cluster-name: {{ include "simcal.clusterName" . }}
+dask.org/component: worker
+{{- end }}
+
+{{/* Labels of the driver pods (and selector of the driver Service). */}}
+{{- define "simcal.driverSelector" -}}
+{{ include "simcal.selectorLabels" . }}
+app.kubernetes.io/component: driver
+{{- end }}
+
+{{/* In-cluster scheduler address (the operator's Service, port tcp-comm). */}}
+{{- define "simcal.schedulerAddress" -}}
+{{- printf "tcp://%s-scheduler.%s.svc.cluster.local:8786" (include "simcal.clusterName" .) .Release.Namespace }}
+{{- end }}
+
+{{- define "simcal.dashboardURL" -}}
+{{- printf "http://%s-scheduler.%s.svc.cluster.local:8787" (include "simcal.clusterName" .) .Release.Namespace }}
+{{- end }}
+
+{{/* Container image reference: repository@digest or repository:tag (tag defaults to appVersion). */}}
+{{- define "simcal.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (toString (default .Chart.AppVersion .Values.image.tag)) }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "simcal.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.configMapName" -}}
+{{- printf "%s-calibration" (include "simcal.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "simcal.pvcName" -}}
+{{- if .Values.storage.persistence.existingClaim }}
+{{- .Values.storage.persistence.existingClaim }}
+{{- else }}
+{{- printf "%s-data" (include "simcal.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.driverServiceName" -}}
+{{- printf "%s-driver" (include "simcal.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Driver Job name: one per release revision, so an upgrade starts a new (resuming) driver. */}}
+{{- define "simcal.driverJobName" -}}
+{{- printf "%s-driver-%d" (include "simcal.fullname" . | trunc 48 | trimSuffix "-") (int .Release.Revision) }}
+{{- end }}
+
+{{/*
+Worker counts.
+  simcal.minWorkers: what the driver waits for (--min-workers) and helm test expects.
+  simcal.autoscalerMinimum: the DaskAutoscaler's floor, never below simcal.minWorkers.
+Both fail with a message naming the values when they are inconsistent.
+*/}}
+{{- define "simcal.minWorkers" -}}
+{{- $w := .Values.workers }}
+{{- $a := .Values.autoscaler }}
+{{- if not (kindIs "invalid" $w.minReplicas) }}
+{{- int $w.minReplicas }}
+{{- else if and $a.enabled (not (kindIs "invalid" $a.minimum)) }}
+{{- int $a.minimum }}
+{{- else }}
+{{- int $w.replicas }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.autoscalerMinimum" -}}
+{{- $min := int (include "simcal.minWorkers" .) }}
+{{- if kindIs "invalid" .Values.autoscaler.minimum }}
+{{- $min }}
+{{- else }}
+{{- int .Values.autoscaler.minimum }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.checkWorkerCounts" -}}
+{{- $min := int (include "simcal.minWorkers" .) }}
+{{- if .Values.autoscaler.enabled }}
+{{- $amin := int (include "simcal.autoscalerMinimum" .) }}
+{{- if lt $amin $min }}
+{{- fail (printf "autoscaler.minimum (%d) is below workers.minReplicas (%d): the driver waits for %d workers (--min-workers), so the autoscaler must never go below that. Raise autoscaler.minimum or lower workers.minReplicas." $amin $min $min) }}
+{{- end }}
+{{- if lt (int .Values.autoscaler.maximum) $amin }}
+{{- fail (printf "autoscaler.maximum (%d) is below autoscaler.minimum (%d)." (int .Values.autoscaler.maximum) $amin) }}
+{{- end }}
+{{- else if gt $min (int .Values.workers.replicas) }}
+{{- fail (printf "workers.minReplicas (%d) exceeds workers.replicas (%d): the driver would wait forever for workers that are never started." $min (int .Values.workers.replicas)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fail early when the Dask operator's CRDs are not served, unless operator.skipCheck.
+Offline renders pass the API with --api-versions kubernetes.dask.org/v1/DaskCluster.
+*/}}
+{{- define "simcal.checkOperator" -}}
+{{- if and (not .Values.operator.skipCheck) (not (.Capabilities.APIVersions.Has "kubernetes.dask.org/v1/DaskCluster")) }}
+{{- fail "\n\nsimcal needs the Dask Kubernetes operator, but this cluster does not serve kubernetes.dask.org/v1/DaskCluster.\nInstall the operator (and its CRDs) first:\n\n  helm install --repo https://helm.dask.org --create-namespace -n dask-operator --generate-name dask-kubernetes-operator\n\nthen install simcal again. To render offline, pass --api-versions kubernetes.dask.org/v1/DaskCluster\nto `helm template`, or set operator.skipCheck=true.\n" }}
+{{- end }}
+{{- end }}
+
+{{/* Whether to render Prometheus Operator objects (monitoring.prometheusOperator: auto|always|never). */}}
+{{- define "simcal.prometheusOperator" -}}
+{{- $mode := .Values.monitoring.prometheusOperator }}
+{{- if and .Values.monitoring.enabled (or (eq $mode "always") (and (eq $mode "auto") (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1"))) }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{/* Resource requirements with every quantity quoted (the CRD schemas type them as strings). */}}
+{{- define "simcal.resources" -}}
+{{- range $section, $items := . }}
+{{- if $items }}
+{{ $section }}:
+{{- range $name, $quantity := $items }}
+  {{ $name }}: {{ toString $quantity | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* prometheus.io/* annotations for Prometheus without the operator. Argument: dict root port. */}}
+{{- define "simcal.scrapeAnnotations" -}}
+{{- if and .root.Values.monitoring.enabled .root.Values.monitoring.scrapeAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{/* Writable emptyDir mounts under a read-only root filesystem. */}}
+{{- define "simcal.writableMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/simcal
+{{- end }}
+
+{{- define "simcal.writableVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
+{{- end }}
+
+{{/* Environment shared by every container. */}}
+{{- define "simcal.commonEnv" -}}
+- name: HOME
+  value: /home/simcal
+- name: PYTHONUNBUFFERED
+  value: "1"
+{{- end }}
+
+{{/* Pod-level fields shared by all pods (service account, security, pull secrets). */}}
+{{- define "simcal.podCommon" -}}
+serviceAccountName: {{ include "simcal.serviceAccountName" . }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling fields. Argument: a values block with nodeSelector/tolerations/affinity/priorityClassName. */}}
+{{- define "simcal.scheduling" -}}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* HTTP probe on a named port. Argument: dict probe path port. */}}
+{{- define "simcal.httpProbe" -}}
+httpGet:
+  path: {{ .path }}
+  port: {{ .port | quote }}
+initialDelaySeconds: {{ int .probe.initialDelaySeconds }}
+periodSeconds: {{ int .probe.periodSeconds }}
+timeoutSeconds: {{ int .probe.timeoutSeconds }}
+failureThreshold: {{ int .probe.failureThreshold }}
+{{- end }}

@@ -1,0 +1,179 @@
+"""The calibration config: one validated object from YAML; errors name the field."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from simcal.imports import UnresolvableReferenceError, resolve_callable
+
+BUILTIN_LOSSES = ("mse", "poisson_nll")
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names each bad field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_callable(reference: str) -> str:
+    try:
+        resolve_callable(reference)
+    except UnresolvableReferenceError as exc:
+        raise ValueError(str(exc)) from None
+    return reference
+
+
+class ParameterSpec(_Strict):
+    """The search range of one model parameter."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _range_is_valid(self) -> ParameterSpec:
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError("low and high must be finite numbers")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log scale needs low > 0, got low={self.low}")
+        return self
+
+
+class TargetSpec(_Strict):
+    """Observed data for one model output and the loss comparing them."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    observed: str = Field(min_length=1)
+    loss: str = "mse"
+    output: str | None = None
+
+    @field_validator("observed")
+    @classmethod
+    def _observed_exists(cls, value: str) -> str:
+        if value.lower().endswith(".csv"):
+            if not Path(value).is_file():
+                raise ValueError(f"CSV file {value!r} does not exist")
+            return value
+        return _check_callable(value)
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_is_known(cls, value: str) -> str:
+        if value in BUILTIN_LOSSES:
+            return value
+        if ":" not in value:
+            raise ValueError(
+                f"unknown loss {value!r}: use one of {BUILTIN_LOSSES} or 'module:callable'"
+            )
+        return _check_callable(value)
+
+    @property
+    def output_key(self) -> str:
+        """The key of the model's output dict this target compares against."""
+        return self.output or self.name
+
+
+class CalibrationConfig(_Strict):
+    """Everything one calibration job needs, validated."""
+
+    study: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    model_options: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, ParameterSpec] = Field(min_length=1)
+    replicates: int = Field(default=8, ge=1, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    targets: list[TargetSpec] = Field(min_length=1)
+    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
+    mode: Literal["streaming", "batch"] = "streaming"
+    max_trials: int = Field(default=200, ge=1, le=10_000_000)
+    max_in_flight: int | Literal["auto"] = "auto"
+    trial_timeout: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
+    max_time: float | None = Field(default=None, gt=0)
+    target_loss: float | None = None
+    storage: str = Field(default="sqlite:///simcal.db", min_length=1)
+    min_workers: int | None = Field(default=None, ge=1, le=100_000)
+    grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
+
+    @field_validator("model")
+    @classmethod
+    def _model_imports(cls, value: str) -> str:
+        return _check_callable(value)
+
+    @field_validator("max_in_flight")
+    @classmethod
+    def _positive_in_flight(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_target_names(self) -> CalibrationConfig:
+        names = [t.name for t in self.targets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"targets: duplicate names {duplicates}")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "<config>"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {location}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def validate_config(data: Any, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
+    """Validate a mapping (from YAML or code), with ``overrides`` taking precedence."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"invalid config: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    try:
+        return CalibrationConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {str(path)!r} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
+    return validate_config(data if data is not None else {}, overrides)
+
+
+DEMO_CONFIG: dict[str, Any] = {
+    "study": "seir-demo",
+    "model": "simcal.models.seir:simulate",
+    "parameters": {"beta": {"low": 0.1, "high": 1.0}, "gamma": {"low": 0.05, "high": 0.5}},
+    "replicates": 8,
+    "seed": 42,
+    "targets": [{"name": "incidence", "observed": "simcal.models.seir:observed", "loss": "mse"}],
+    "max_trials": 150,
+}
+
+
+def demo_config(overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
+    """The built-in SEIR demo calibration."""
+    return validate_config(DEMO_CONFIG, overrides)

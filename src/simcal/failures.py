@@ -1,0 +1,57 @@
+"""Why a trial failed: the error types simcal raises and their mapping to metric reasons."""
+
+from __future__ import annotations
+
+from asyncio import CancelledError as AsyncioCancelledError
+from concurrent.futures import CancelledError as FuturesCancelledError
+from enum import StrEnum
+
+from distributed import KilledWorker
+
+
+class FailureReason(StrEnum):
+    """The ``reason`` label of ``simcal_trial_errors_total`` and the trial's ``fail_reason``."""
+
+    NAN_LOSS = "nan_loss"
+    SIMULATION_ERROR = "simulation_error"
+    AGGREGATION_ERROR = "aggregation_error"
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
+
+
+class NonFiniteLossError(ArithmeticError):
+    """An aggregation computed a NaN or infinite loss."""
+
+
+class AggregationError(RuntimeError):
+    """The loss function failed on the replicates' outputs."""
+
+
+class ModelOutputError(ValueError):
+    """A model returned something simcal cannot use (type, shape, size)."""
+
+
+class ResultLostError(RuntimeError):
+    """A task's result was lost with the worker holding it."""
+
+
+def classify(error: BaseException) -> FailureReason:
+    """Map an exception from a trial's tasks to the reason it is counted under."""
+    if isinstance(error, NonFiniteLossError):
+        return FailureReason.NAN_LOSS
+    if isinstance(error, AggregationError):
+        return FailureReason.AGGREGATION_ERROR
+    if isinstance(error, KilledWorker | ResultLostError):
+        return FailureReason.WORKER_LOST
+    if isinstance(error, TimeoutError):
+        return FailureReason.TIMEOUT
+    if isinstance(error, FuturesCancelledError | AsyncioCancelledError):
+        return FailureReason.CANCELLED
+    return FailureReason.SIMULATION_ERROR
+
+
+def describe(error: BaseException) -> str:
+    """A one-line description of an error, for the stored trial and logs."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__

@@ -1,0 +1,187 @@
+"""Metrics: the Prometheus registry of one calibration driver and every metric in it.
+
+One object, passed into the driver; nothing here is a module-level global.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import deque
+from collections.abc import Callable
+from importlib.metadata import version
+from threading import Thread
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from simcal.failures import FailureReason
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class TrailingWindow:
+    """Sum of values recorded over the last ``seconds`` (for rates and utilization)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._started = clock()
+        self._events: deque[tuple[float, float]] = deque()
+        self._total = 0.0
+
+    def add(self, value: float = 1.0) -> None:
+        self._events.append((self._clock(), value))
+        self._total += value
+
+    def span(self) -> float:
+        """The window's length so far: ``seconds``, or less early in the run."""
+        return max(min(self.seconds, self._clock() - self._started), 1e-9)
+
+    def total(self) -> float:
+        cutoff = self._clock() - self.seconds
+        while self._events and self._events[0][0] < cutoff:
+            self._total -= self._events.popleft()[1]
+        return max(self._total, 0.0)
+
+
+class Metrics:
+    """The driver's metrics for one study, in their own registry."""
+
+    def __init__(
+        self,
+        study: str,
+        *,
+        registry: CollectorRegistry | None = None,
+        window_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.study = study
+        self.registry = registry or CollectorRegistry()
+        self._completed_window = TrailingWindow(window_seconds, clock)
+        self._busy_window = TrailingWindow(window_seconds, clock)
+        self._threads = 0
+        self._best = float("inf")
+        self._server: tuple[WSGIServer, Thread] | None = None
+        labels = ["study"]
+        self.trials = Counter(
+            "simcal_trials",
+            "Trials told to the optimizer.",
+            [*labels, "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "simcal_trial_errors",
+            "Failed trials by reason.",
+            [*labels, "reason"],
+            registry=self.registry,
+        )
+        self.trials_per_minute = Gauge(
+            "simcal_trials_per_minute",
+            "Completed trials per minute over a trailing window.",
+            labels,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "simcal_trial_duration_seconds",
+            "Seconds from a trial's submission to its tell.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "simcal_inflight_trials",
+            "Trials submitted and not yet told.",
+            labels,
+            registry=self.registry,
+        )
+        self.workers = Gauge(
+            "simcal_workers", "Connected Dask workers.", labels, registry=self.registry
+        )
+        self.min_workers = Gauge(
+            "simcal_min_workers",
+            "Workers the calibration needs (configured minimum).",
+            labels,
+            registry=self.registry,
+        )
+        self.utilization = Gauge(
+            "simcal_worker_utilization_ratio",
+            "Busy task-seconds / (worker threads x wall seconds) over a trailing window.",
+            labels,
+            registry=self.registry,
+        )
+        self.best_loss = Gauge(
+            "simcal_best_loss", "Best loss found so far.", labels, registry=self.registry
+        )
+        build = Gauge(
+            "simcal_build_info",
+            "Versions of simcal and its engine (value 1).",
+            ["version", "python", "dask", "distributed", "optuna"],
+            registry=self.registry,
+        )
+        build.labels(
+            version=version("simcal"),
+            python=platform.python_version(),
+            dask=version("dask"),
+            distributed=version("distributed"),
+            optuna=version("optuna"),
+        ).set(1)
+        for status in ("completed", "failed"):
+            self.trials.labels(study, status)
+        for reason in FailureReason:
+            self.errors.labels(study, reason.value)
+        self.best_loss.labels(study).set(float("nan"))
+
+    def trial_completed(self, loss: float, seconds: float, busy_seconds: float) -> None:
+        self.trials.labels(self.study, "completed").inc()
+        self.duration.labels(self.study).observe(seconds)
+        self._completed_window.add()
+        self._busy_window.add(busy_seconds)
+        if loss < self._best:
+            self.set_best_loss(loss)
+
+    def trial_failed(self, reason: FailureReason, seconds: float) -> None:
+        self.trials.labels(self.study, "failed").inc()
+        self.errors.labels(self.study, reason.value).inc()
+        self.duration.labels(self.study).observe(seconds)
+
+    def set_best_loss(self, loss: float) -> None:
+        self._best = loss
+        self.best_loss.labels(self.study).set(loss)
+
+    def set_inflight(self, trials: int) -> None:
+        self.inflight.labels(self.study).set(trials)
+
+    def set_workers(self, workers: int, threads: int) -> None:
+        self.workers.labels(self.study).set(workers)
+        self._threads = threads
+
+    def set_min_workers(self, workers: int) -> None:
+        self.min_workers.labels(self.study).set(workers)
+
+    def refresh(self) -> None:
+        """Recompute the trailing-window gauges."""
+        span = self._completed_window.span()
+        self.trials_per_minute.labels(self.study).set(self._completed_window.total() * 60 / span)
+        if self._threads:
+            busy = self._busy_window.total() / (self._threads * self._busy_window.span())
+            self.utilization.labels(self.study).set(min(busy, 1.0))
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (for summaries and tests); 0 if absent."""
+        sample = self.registry.get_sample_value(name, {"study": self.study, **labels})
+        return 0.0 if sample is None else sample
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` over HTTP; returns the bound port (useful with port 0)."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = (server, thread)
+        return server.server_port
+
+    def close(self) -> None:
+        if self._server:
+            server, thread = self._server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self._server = None

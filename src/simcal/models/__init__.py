@@ -1,0 +1,1 @@
+"""Built-in models: a stochastic SEIR epidemic and a synthetic benchmark model."""

@@ -1,0 +1,186 @@
+"""SimulationService: the only code that touches Dask futures.
+
+It submits replicate and aggregation tasks with unique keys and reproducible seeds,
+and gathers results the fast way: wait for all futures at once, then fetch every
+successful result in one batched transfer, returning failures as values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import CancelledError
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future, as_completed, wait
+
+from simcal.config import TargetSpec
+from simcal.failures import NonFiniteLossError, ResultLostError
+from simcal.imports import resolve_callable
+from simcal.targets import load_observed, loss_function
+from simcal.tasks import aggregate, run_replicate
+
+__all__ = ["NonFiniteLossError", "ResultStream", "SimulationService", "replicate_seed"]
+
+
+def replicate_seed(seed: int, trial_id: str, index: int) -> int:
+    """An independent, reproducible seed for one replicate of one trial (numpy SeedSequence)."""
+    sequence = np.random.SeedSequence(
+        entropy=seed, spawn_key=(zlib.crc32(trial_id.encode()), index)
+    )
+    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class SimulationService:
+    """Submits trials' tasks to a Dask cluster and gathers their results."""
+
+    def __init__(self, client: Client, run_id: str | None = None) -> None:
+        self.client = client
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+
+    def submit_replicates(
+        self,
+        model: Callable[..., Any] | str,
+        params: Mapping[str, float],
+        n_replicates: int,
+        seed: int,
+        *,
+        trial_id: str,
+        model_options: Mapping[str, Any] | None = None,
+    ) -> list[Future]:
+        """Submit one task per replicate, keyed ``sim-<run_id>-<trial_id>-<i>``."""
+        if n_replicates < 1:
+            raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
+        function = resolve_callable(model) if isinstance(model, str) else model
+        options = dict(model_options or {})
+        return [
+            self.client.submit(
+                run_replicate,
+                function,
+                dict(params),
+                replicate_seed(seed, trial_id, index),
+                options,
+                key=f"sim-{self.run_id}-{trial_id}-{index}",
+                pure=False,
+            )
+            for index in range(n_replicates)
+        ]
+
+    def submit_aggregation(
+        self,
+        replicate_futures: Sequence[Future],
+        target: TargetSpec,
+        *,
+        trial_id: str,
+        observed: np.ndarray | None = None,
+        loss: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    ) -> Future:
+        """Submit the loss of one target; the replicates are passed as task dependencies.
+
+        The target's observed data and loss are loaded here unless given
+        (the driver passes them, loaded once).
+        """
+        observed = load_observed(target) if observed is None else observed
+        loss = loss_function(target.loss) if loss is None else loss
+        return self.client.submit(
+            aggregate,
+            target.name,
+            target.output_key,
+            observed,
+            loss,
+            *replicate_futures,
+            key=f"agg-{self.run_id}-{trial_id}-{target.name}",
+            pure=False,
+        )
+
+    def gather(
+        self, futures: Sequence[Future], *, timeout: float | None = None
+    ) -> list[object | BaseException]:
+        """Results in input order; failures, cancellations and timeouts as exception values.
+
+        Waits on all futures at once, then fetches every finished result in one
+        batched ``Client.gather`` call. Never raises because a task failed.
+        """
+        futures = list(futures)
+        if not futures:
+            return []
+        with contextlib.suppress(TimeoutError):
+            wait(futures, timeout=timeout)
+        finished = {f.key: f for f in futures if f.status == "finished"}
+        fetched = self.client.gather(finished, errors="skip") if finished else {}
+        return [self._outcome(future, fetched) for future in futures]
+
+    @staticmethod
+    def _outcome(future: Future, fetched: Mapping[Any, object]) -> object | BaseException:
+        status = future.status
+        if status == "finished" and future.key in fetched:
+            return fetched[future.key]
+        if status == "error":
+            return future.exception()
+        if status == "cancelled":
+            return CancelledError(f"task {future.key} was cancelled")
+        if status == "pending":
+            return TimeoutError(f"task {future.key} did not finish in time")
+        return ResultLostError(f"the result of task {future.key} was lost (status {status})")
+
+    def cancel(self, futures: Iterable[Future]) -> None:
+        """Cancel futures (their tasks stop being scheduled; running ones finish unobserved)."""
+        futures = list(futures)
+        if futures:
+            self.client.cancel(futures)
+
+    def stream(self) -> ResultStream:
+        """A :class:`ResultStream` that yields finished futures in batches."""
+        return ResultStream(self)
+
+    def cluster_size(self) -> tuple[int, int]:
+        """Connected workers and their total threads."""
+        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        return len(workers), sum(int(w.get("nthreads", 1)) for w in workers)
+
+    def restart_stuck_workers(self, futures: Iterable[Future]) -> list[str]:
+        """Restart the workers still executing any of ``futures`` (hung tasks hold their slot)."""
+        keys = [f.key for f in futures]
+        stacks = self.client.call_stack(keys=keys) if keys else {}
+        stuck = [worker for worker, tasks in stacks.items() if tasks]
+        if stuck:
+            self.client.restart_workers(stuck, raise_for_error=False)
+        return stuck
+
+
+class ResultStream:
+    """Futures added as they are submitted, results taken in batches as they finish.
+
+    Built on :class:`distributed.as_completed`; each batch of finished futures is
+    fetched with one :meth:`SimulationService.gather` call.
+    """
+
+    def __init__(self, service: SimulationService) -> None:
+        self._service = service
+        self._completed = as_completed(loop=service.client.loop)
+
+    def add(self, futures: Iterable[Future]) -> None:
+        """Track more futures."""
+        self._completed.update(list(futures))
+
+    def pending(self) -> int:
+        """Futures added and not yet returned."""
+        return self._completed.count()
+
+    def next_batch(self, timeout: float) -> list[tuple[Future, object | BaseException]]:
+        """Every future finished so far, waiting up to ``timeout`` s for the first one."""
+        deadline = time.monotonic() + timeout
+        condition = self._completed.thread_condition
+        while not self._completed.has_ready() and not self._completed.is_empty():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            with condition:  # as_completed notifies under this lock after queueing
+                if not self._completed.has_ready():
+                    condition.wait(timeout=min(remaining, 0.1))
+        batch = self._completed.next_batch(block=False)
+        return list(zip(batch, self._service.gather(batch), strict=True))

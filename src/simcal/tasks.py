@@ -1,0 +1,113 @@
+"""The functions that run on Dask workers: one model replicate, one target aggregation.
+
+Aggregations receive their replicates as task dependencies; nothing here talks to
+the scheduler, so aggregations can never deadlock waiting on other tasks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from simcal.failures import AggregationError, ModelOutputError, NonFiniteLossError
+
+WHOLE_OUTPUT = ""
+MAX_OUTPUT_ELEMENTS = 10_000_000
+
+
+@dataclass(frozen=True)
+class ReplicateOutput:
+    """A replicate's named output arrays and the seconds its model ran."""
+
+    outputs: dict[str, np.ndarray]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TargetLoss:
+    """One target's loss and the task-seconds its replicates and its aggregation took."""
+
+    target: str
+    loss: float
+    replicate_seconds: float
+    aggregation_seconds: float
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if not isinstance(value, np.ndarray | list | tuple):
+        raise ModelOutputError(
+            f"output {name!r} is a {type(value).__name__}, expected a numpy array"
+        )
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ModelOutputError(f"output {name!r} is not numeric: {exc}") from None
+    if array.ndim == 0:
+        raise ModelOutputError(f"output {name!r} is a scalar, expected an array")
+    if array.size > MAX_OUTPUT_ELEMENTS:
+        raise ModelOutputError(
+            f"output {name!r} has {array.size} elements, more than the limit {MAX_OUTPUT_ELEMENTS}"
+        )
+    return array
+
+
+def normalize_output(raw: Any) -> dict[str, np.ndarray]:
+    """Check a model's return value: an array, or a dict of named arrays."""
+    if isinstance(raw, Mapping):
+        if not raw:
+            raise ModelOutputError("model returned an empty dict")
+        return {str(key): _as_array(str(key), value) for key, value in raw.items()}
+    return {WHOLE_OUTPUT: _as_array("<return value>", raw)}
+
+
+def run_replicate(
+    model: Callable[..., Any],
+    params: Mapping[str, float],
+    seed: int,
+    model_options: Mapping[str, Any],
+) -> ReplicateOutput:
+    """Run the model once and validate what it returned."""
+    start = time.perf_counter()
+    raw = model(dict(params), int(seed), **dict(model_options))
+    outputs = normalize_output(raw)
+    return ReplicateOutput(outputs, time.perf_counter() - start)
+
+
+def _select(replicate: ReplicateOutput, key: str) -> np.ndarray:
+    if key in replicate.outputs:
+        return replicate.outputs[key]
+    if WHOLE_OUTPUT in replicate.outputs:
+        return replicate.outputs[WHOLE_OUTPUT]
+    raise ModelOutputError(f"model output has no {key!r}; it has {sorted(replicate.outputs)}")
+
+
+def aggregate(
+    target: str,
+    output_key: str,
+    observed: np.ndarray,
+    loss: Callable[[np.ndarray, np.ndarray], float],
+    *replicates: ReplicateOutput,
+) -> TargetLoss:
+    """Stack the replicates' outputs for one target and compute its loss."""
+    start = time.perf_counter()
+    arrays = [_select(replicate, output_key) for replicate in replicates]
+    for array in arrays:
+        if array.shape != observed.shape:
+            raise ModelOutputError(
+                f"target {target!r}: model output has shape {array.shape}, "
+                f"observed data has shape {observed.shape}"
+            )
+    try:
+        value = float(loss(np.stack(arrays), observed))
+    except Exception as exc:
+        raise AggregationError(
+            f"loss for target {target!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not np.isfinite(value):
+        raise NonFiniteLossError(f"target {target!r}: loss is {value}")
+    replicate_seconds = sum(replicate.seconds for replicate in replicates)
+    return TargetLoss(target, value, replicate_seconds, time.perf_counter() - start)
