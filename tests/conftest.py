@@ -19,7 +19,10 @@ SIMCAL = [sys.executable, "-m", "simcal.cli"]
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
     with LocalCluster(
-        n_workers=8, threads_per_worker=1, processes=True, dashboard_address=None,
+        n_workers=8,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
         host="127.0.0.1",
     ) as local:
         yield local
@@ -59,3 +62,18 @@ def run_simcal(*args: str, timeout: float = 300, **popen: object) -> subprocess.
     return subprocess.run(
         [*SIMCAL, *args], capture_output=True, text=True, timeout=timeout, env=env, **popen
     )
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[object]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (see tests/pgserver.py).
+
+    Each test creates its own database. Missing binaries fail (``make system-deps``
+    installs Debian's postgresql), so the PostgreSQL tests cannot be skipped silently.
+    """
+    from pgserver import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.fail("PostgreSQL is not installed: run `make system-deps` (Debian's postgresql)")
+    with postgres_server() as server:
+        yield server

@@ -11,7 +11,7 @@ import pytest
 from distributed import Client
 from optuna.trial import TrialState
 
-from simcal.config import CalibrationConfig, validate_config
+from simcal.config import validate_config
 from simcal.driver import Calibration, RunStats
 from simcal.metrics import Metrics
 from simcal.models.seir import TRUE_PARAMS
@@ -31,14 +31,14 @@ SYNTHETIC: dict[str, Any] = {
 
 def calibrate(
     client: Client, tmp_path: Path, **fields: object
-) -> tuple[CalibrationConfig, optuna.Study, Metrics, RunStats]:
+) -> tuple[optuna.Study, Metrics, RunStats]:
     config = validate_config(
         {**SYNTHETIC, "storage": f"sqlite:///{tmp_path / 'study.db'}", **fields}
     )
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
     metrics = Metrics(config.study)
     stats = Calibration(config, SimulationService(client), study, metrics).run()
-    return config, study, metrics, stats
+    return study, metrics, stats
 
 
 def states(study: optuna.Study) -> Counter:
@@ -46,11 +46,15 @@ def states(study: optuna.Study) -> Counter:
 
 
 def test_seir_demo_recovers_true_parameters(client: Client, tmp_path: Path) -> None:
-    config, study, _, stats = calibrate(
-        client, tmp_path,
-        study="seir", model="simcal.models.seir:simulate",
+    study, _, stats = calibrate(
+        client,
+        tmp_path,
+        study="seir",
+        model="simcal.models.seir:simulate",
         parameters={"beta": {"low": 0.1, "high": 1.0}, "gamma": {"low": 0.05, "high": 0.5}},
-        replicates=8, seed=42, max_trials=150,
+        replicates=8,
+        seed=42,
+        max_trials=150,
         targets=[{"name": "incidence", "observed": "simcal.models.seir:observed"}],
     )
     best = study.best_params
@@ -64,8 +68,11 @@ def test_seir_demo_recovers_true_parameters(client: Client, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("mode", ["streaming", "batch"])
 def test_failures_are_told_with_their_reason(client: Client, tmp_path: Path, mode: str) -> None:
-    _, study, metrics, stats = calibrate(
-        client, tmp_path, mode=mode, max_trials=200,
+    study, metrics, stats = calibrate(
+        client,
+        tmp_path,
+        mode=mode,
+        max_trials=200,
         model_options={"nan_rate": 0.2, "error_rate": 0.1, "fault_seed": 3},
     )
     trials = study.get_trials(deepcopy=False)
@@ -83,7 +90,7 @@ def test_failures_are_told_with_their_reason(client: Client, tmp_path: Path, mod
 
 
 def test_stops_at_target_loss(client: Client, tmp_path: Path) -> None:
-    _, study, _, stats = calibrate(client, tmp_path, max_trials=500, target_loss=0.05)
+    study, _, stats = calibrate(client, tmp_path, max_trials=500, target_loss=0.05)
     assert stats.stop_reason == "target_loss"
     assert study.best_value <= 0.05
     assert len(study.get_trials()) < 500
@@ -91,7 +98,7 @@ def test_stops_at_target_loss(client: Client, tmp_path: Path) -> None:
 
 
 def test_stops_at_wall_time_budget(client: Client, tmp_path: Path) -> None:
-    _, study, _, stats = calibrate(
+    study, _, stats = calibrate(
         client, tmp_path, max_trials=10_000, max_time=3, model_options={"duration": 0.2}
     )
     assert stats.stop_reason == "max_time"
@@ -100,8 +107,11 @@ def test_stops_at_wall_time_budget(client: Client, tmp_path: Path) -> None:
 
 
 def test_timed_out_trials_fail_with_reason_timeout(client: Client, tmp_path: Path) -> None:
-    _, study, metrics, stats = calibrate(
-        client, tmp_path, max_trials=12, trial_timeout=3,
+    study, metrics, stats = calibrate(
+        client,
+        tmp_path,
+        max_trials=12,
+        trial_timeout=3,
         model_options={"hang_rate": 0.25, "hang_seconds": 20, "fault_seed": 1},
     )
     timed_out = [t for t in study.get_trials() if t.user_attrs.get(FAIL_REASON) == "timeout"]
@@ -112,6 +122,6 @@ def test_timed_out_trials_fail_with_reason_timeout(client: Client, tmp_path: Pat
 
 def test_resume_counts_earlier_trials(client: Client, tmp_path: Path) -> None:
     calibrate(client, tmp_path, max_trials=10)
-    _, study, _, stats = calibrate(client, tmp_path, max_trials=25)
+    study, _, stats = calibrate(client, tmp_path, max_trials=25)
     assert stats.completed == 15
     assert len(study.get_trials()) == 25

@@ -110,7 +110,9 @@ def test_replicates_have_unique_keys_and_are_never_deduplicated(client: Client) 
     outputs = service.gather(first + second)
     arrays = [o.outputs[""] for o in outputs]
     assert not any(np.array_equal(arrays[0], other) for other in arrays[1:])
-    again = service.gather(service.submit_replicates(synthetic.simulate, params, 1, 1, trial_id="a"))
+    again = service.gather(
+        service.submit_replicates(synthetic.simulate, params, 1, 1, trial_id="a")
+    )
     assert np.array_equal(again[0].outputs[""], arrays[0])
 
 
@@ -139,7 +141,11 @@ def test_aggregations_do_not_deadlock_when_they_outnumber_threads(client: Client
     aggregations = []
     for trial in range(24):
         replicates = service.submit_replicates(
-            synthetic.simulate, {"x": trial / 24}, 8, 3, trial_id=str(trial),
+            synthetic.simulate,
+            {"x": trial / 24},
+            8,
+            3,
+            trial_id=str(trial),
             model_options={"duration": 0.01},
         )
         aggregations.append(service.submit_aggregation(replicates, TARGET, trial_id=str(trial)))

@@ -1,0 +1,132 @@
+"""The ``simcal`` command line: config errors, check-config, run summary, results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, run_simcal, write_config
+from simcal import __version__
+from simcal.cli import main
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"simcal {__version__}"
+
+
+@pytest.mark.parametrize("example", ["seir.yaml", "synthetic.yaml"])
+def test_shipped_examples_are_valid(example: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(REPO / "examples" / example)]) == 0
+    resolved = json.loads(capsys.readouterr().out)
+    assert resolved["max_in_flight"] == "auto" and resolved["targets"]
+
+
+BAD_CONFIGS = {
+    "malformed YAML": ("study: [unclosed\n", "not valid YAML"),
+    "not a mapping": ("- just\n- a list\n", "expected a mapping"),
+    "unknown field": (None, "colour: Extra inputs are not permitted"),
+    "low > high": (None, "parameters.x: low (2.0) must be less than high (1.0)"),
+    "model does not import": (None, "model: cannot import module 'no_such_module'"),
+    "missing field": (None, "targets: Field required"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_exits_2_naming_the_problem(tmp_path: Path, case: str) -> None:
+    text, message = BAD_CONFIGS[case]
+    path = write_config(tmp_path)
+    if case == "unknown field":
+        path = write_config(tmp_path, colour="blue")
+    elif case == "low > high":
+        path = write_config(tmp_path, parameters={"x": {"low": 2.0, "high": 1.0}})
+    elif case == "model does not import":
+        path = write_config(tmp_path, model="no_such_module:simulate")
+    elif case == "missing field":
+        path = write_config(tmp_path, targets=None)
+        text = path.read_text().replace("targets: null\n", "")
+    if text is not None:
+        path.write_text(text)
+    for command in (["check-config", str(path)], ["run", "--config", str(path)]):
+        result = run_simcal(*command, *(["--metrics-port", "0"] if command[0] == "run" else []))
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not (tmp_path / "simcal.db").exists(), "nothing may be created before validation"
+
+
+def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, max_trials=12, model_options={"nan_rate": 0.25, "fault_seed": 2}
+    )
+    summary_file = tmp_path / "summary.json"
+    result = run_simcal(
+        "run",
+        "--config",
+        str(config),
+        "--workers",
+        "4",
+        "--metrics-port",
+        "0",
+        "--dashboard-address",
+        ":0",
+        "--summary",
+        str(summary_file),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(summary_file.read_text())
+    assert json.loads(result.stdout) == summary
+    for key in (
+        "study",
+        "n_trials",
+        "n_completed",
+        "n_failed",
+        "best_params",
+        "best_loss",
+        "trials_per_minute",
+        "errors",
+    ):
+        assert key in summary
+    assert summary["n_trials"] == 12 == summary["n_completed"] + summary["n_failed"]
+    assert summary["errors"] == ({"nan_loss": summary["n_failed"]} if summary["n_failed"] else {})
+    assert set(summary["best_params"]) == {"x", "y"} and summary["trials_per_minute"] > 0
+    assert "trials 12/12" in result.stderr  # progress lines when not on a terminal
+
+    listed = run_simcal("results", "--config", str(config), "--format", "csv")
+    assert listed.returncode == 0, listed.stderr
+    rows = list(csv.DictReader(io.StringIO(listed.stdout)))
+    assert len(rows) == 12
+    assert {row["state"] for row in rows} <= {"COMPLETE", "FAIL"}
+    assert all(row["fail_reason"] == "nan_loss" for row in rows if row["state"] == "FAIL")
+    as_json = json.loads(run_simcal("results", "--config", str(config), "--format", "json").stdout)
+    assert [row["number"] for row in as_json] == [int(row["number"]) for row in rows]
+
+
+def test_results_for_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal("results", "--config", str(config), "--study", "nope")
+    assert result.returncode == 1
+    assert "no study 'nope'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal(
+        "run",
+        "--config",
+        str(config),
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--metrics-port",
+        "0",
+        "--connect-timeout",
+        "3",
+    )
+    assert result.returncode == 1
+    assert "cannot connect to scheduler tcp://127.0.0.1:9" in result.stderr

@@ -1,0 +1,107 @@
+"""The driver's Prometheus metrics: names, types and labels as the design fixes them."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from simcal.failures import FailureReason
+from simcal.metrics import Metrics, TrailingWindow
+
+DESIGN = {  # name -> (type, labels besides the histogram's own)
+    "simcal_trials": ("counter", {"study", "status"}),
+    "simcal_trial_errors": ("counter", {"study", "reason"}),
+    "simcal_trials_per_minute": ("gauge", {"study"}),
+    "simcal_trial_duration_seconds": ("histogram", {"study"}),
+    "simcal_inflight_trials": ("gauge", {"study"}),
+    "simcal_workers": ("gauge", {"study"}),
+    "simcal_min_workers": ("gauge", {"study"}),
+    "simcal_worker_utilization_ratio": ("gauge", {"study"}),
+    "simcal_best_loss": ("gauge", {"study"}),
+    "simcal_build_info": ("gauge", {"version", "python", "dask", "distributed", "optuna"}),
+}
+
+
+class FakeClock:
+    """A clock the test advances by hand (time itself is not under test)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def scrape(port: int) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def test_served_metrics_match_the_design() -> None:
+    metrics = Metrics("demo")
+    port = metrics.serve(0, "127.0.0.1")
+    try:
+        metrics.trial_completed(loss=2.5, seconds=1.2, busy_seconds=4.0)
+        metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.5)
+        families = scrape(port)
+    finally:
+        metrics.close()
+    for name, (kind, labels) in DESIGN.items():
+        assert name in families, f"{name} missing"
+        family = families[name]
+        assert family.type == kind, name
+        for sample in family.samples:
+            assert set(sample.labels) - {"le"} == labels, sample
+    counts = {
+        (s.labels["status"]): s.value
+        for s in families["simcal_trials"].samples
+        if s.name == "simcal_trials_total"
+    }
+    assert counts == {"completed": 1.0, "failed": 1.0}
+    reasons = {
+        s.labels["reason"]: s.value
+        for s in families["simcal_trial_errors"].samples
+        if s.name == "simcal_trial_errors_total"
+    }
+    assert reasons == {
+        reason.value: float(reason is FailureReason.NAN_LOSS) for reason in FailureReason
+    }
+    [best] = families["simcal_best_loss"].samples
+    assert best.value == 2.5
+
+
+def test_trailing_rates_and_utilization() -> None:
+    clock = FakeClock()
+    metrics = Metrics("demo", window_seconds=60, clock=clock)
+    metrics.set_workers(4, threads=4)
+    for _ in range(30):  # 30 trials over 30 s, each keeping 4 threads busy for 1 s
+        clock.now += 1
+        metrics.trial_completed(loss=1.0, seconds=1.0, busy_seconds=4.0)
+    metrics.refresh()
+    assert metrics.value("simcal_trials_per_minute") == 60.0
+    assert metrics.value("simcal_worker_utilization_ratio") == 1.0
+    clock.now += 45.5  # the first 15 completions leave the 60 s window
+    metrics.refresh()
+    assert metrics.value("simcal_trials_per_minute") == 15.0
+    assert metrics.value("simcal_worker_utilization_ratio") == 0.25
+
+
+def test_best_loss_only_improves() -> None:
+    metrics = Metrics("demo")
+    for loss in (3.0, 1.0, 2.0):
+        metrics.trial_completed(loss=loss, seconds=1, busy_seconds=1)
+    assert metrics.value("simcal_best_loss") == 1.0
+
+
+def test_trailing_window_drops_old_events() -> None:
+    clock = FakeClock()
+    window = TrailingWindow(10, clock)
+    window.add(2.0)
+    clock.now += 5
+    window.add(3.0)
+    assert window.total() == 5.0
+    clock.now += 6
+    assert window.total() == 3.0
+    assert window.span() == 10

@@ -1,0 +1,92 @@
+"""Resume: a driver killed with SIGKILL mid-run, then re-run, loses no trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from conftest import SIMCAL, run_simcal, write_config
+from simcal.storage import FAIL_REASON, INTERRUPTED, RETRY_OF, counted_trials
+
+MAX_TRIALS = 40
+
+
+def wait_for_counted(storage: str, study: str, at_least: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if counted_trials(optuna.load_study(study_name=study, storage=storage)) >= at_least:
+                return
+        except KeyError:
+            pass  # the study does not exist yet
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {at_least} trials told within {timeout}s")
+
+
+def kill_and_resume(config: Path, storage: str, study: str) -> optuna.Study:
+    """Start a run, SIGKILL it (driver and its local cluster) mid-run, then run it again."""
+    args = [
+        "run",
+        "--config",
+        str(config),
+        "--workers",
+        "4",
+        "--metrics-port",
+        "0",
+        "--dashboard-address",
+        ":0",
+        "--storage",
+        storage,
+    ]
+    driver = subprocess.Popen(
+        [*SIMCAL, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for_counted(storage, study, at_least=8)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    killed = optuna.load_study(study_name=study, storage=storage)
+    assert counted_trials(killed) < MAX_TRIALS, "the run finished before it was killed"
+    resumed = run_simcal(*args, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def assert_nothing_lost(study: optuna.Study) -> None:
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.RUNNING] == states[TrialState.WAITING] == 0, states
+    assert counted_trials(study) == MAX_TRIALS
+    interrupted = [t for t in trials if t.user_attrs.get(FAIL_REASON) == INTERRUPTED]
+    retries = {t.user_attrs[RETRY_OF]: t for t in trials if RETRY_OF in t.user_attrs}
+    for trial in (t for t in interrupted if t.params):  # killed mid-ask: no params to retry
+        retry = retries[trial.number]
+        assert retry.params == trial.params
+        assert retry.state in (TrialState.COMPLETE, TrialState.FAIL)
+
+
+def test_sigkilled_driver_resumes_without_loss_on_sqlite(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        study="resume",
+        max_trials=MAX_TRIALS,
+        replicates=2,
+        model_options={"duration": 0.3},
+    )
+    storage = f"sqlite:///{tmp_path / 'simcal.db'}"
+    study = kill_and_resume(config, storage, "resume")
+    assert_nothing_lost(study)
+    assert any(t.user_attrs.get(FAIL_REASON) == INTERRUPTED for t in study.get_trials()), (
+        "the kill should have left trials in flight to recover"
+    )
