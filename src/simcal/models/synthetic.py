@@ -17,10 +17,11 @@ class SyntheticModelError(RuntimeError):
     """The error the synthetic model raises on purpose (``error_rate``)."""
 
 
-def _fault_draw(params: dict[str, float], fault_seed: int) -> float:
+def fault_draw(params: dict[str, float], fault_seed: int, stream: int = 0) -> float:
+    """The trial's draw in [0, 1): stream 0 picks the fault, stream 1 the memory ballast."""
     values = np.array([params[name] for name in sorted(params)], dtype=np.float64)
     words = values.view(np.uint32).tolist()
-    return float(np.random.default_rng([fault_seed, *words]).random())
+    return float(np.random.default_rng([fault_seed, *words]).random(stream + 1)[stream])
 
 
 def _spin(seconds: float) -> None:
@@ -40,11 +41,17 @@ def simulate(
     hang_rate: float = 0.0,
     hang_seconds: float = 3600.0,
     memory_mb: float = 0.0,
+    memory_rate: float = 1.0,
     fault_seed: int = 0,
 ) -> np.ndarray:
-    """Sleep ``duration`` s, spin ``cpu`` s, then return a noisy quadratic bowl around 0.3."""
-    draw = _fault_draw(params, fault_seed)
-    ballast = np.ones(int(memory_mb * 2**20) // 8) if memory_mb > 0 else None
+    """Sleep ``duration`` s, spin ``cpu`` s, then return a noisy quadratic bowl around 0.3.
+
+    ``memory_mb`` is held while the model runs, by the ``memory_rate`` share of trials
+    (an independent per-trial draw; by default every trial).
+    """
+    draw = fault_draw(params, fault_seed)
+    heavy = memory_mb > 0 and fault_draw(params, fault_seed, stream=1) < memory_rate
+    ballast = np.ones(int(memory_mb * 2**20) // 8) if heavy else None
     if draw < error_rate:
         raise SyntheticModelError(f"injected failure (draw {draw:.3f} < error_rate {error_rate})")
     if draw < error_rate + hang_rate:
