@@ -3,6 +3,9 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
+# checkov pins many dependencies of its own: it gets a virtualenv of its own.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
 
 .PHONY: run test lint bench system-deps clean
 
@@ -18,6 +21,12 @@ $(VENV)/.test-installed: $(BIN)/python pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[test]'
 	touch $@ $(VENV)/.run-installed
 
+$(CHECKOV_VENV)/.installed:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	touch $@
+
 ## run: calibrate the built-in SEIR demo on a local Dask cluster of 8 workers
 run: $(VENV)/.run-installed
 	$(BIN)/simcal run --workers 8 --summary simcal-summary.json
@@ -26,7 +35,7 @@ system-deps:
 	./scripts/install-system-deps.sh
 
 ## test: install everything the suite needs, then run it
-test: system-deps $(VENV)/.test-installed
+test: system-deps $(VENV)/.test-installed $(CHECKOV_VENV)/.installed
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest
 
@@ -38,4 +47,4 @@ bench: $(VENV)/.test-installed
 	$(BIN)/simcal bench --out bench-results
 
 clean:
-	rm -rf $(VENV) simcal.db simcal-summary.json
+	rm -rf $(VENV) $(CHECKOV_VENV) simcal.db simcal-summary.json

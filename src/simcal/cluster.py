@@ -62,8 +62,8 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
                 ) from None
         else:
             log.info("starting a local cluster of %d worker processes", options.workers)
-            cluster = stack.enter_context(
-                LocalCluster(
+            try:
+                local = LocalCluster(
                     n_workers=options.workers,
                     threads_per_worker=1,
                     processes=True,
@@ -72,7 +72,11 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
                     security=options.security,
                     host="127.0.0.1",
                 )
-            )
+            except (RuntimeError, OSError, ValueError) as exc:
+                raise ClusterError(
+                    f"cannot start a local cluster (dashboard {options.dashboard_address}): {exc}"
+                ) from None
+            cluster = stack.enter_context(local)
             client = Client(cluster, security=options.security)
         stack.enter_context(client)
         try:
@@ -84,4 +88,5 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
                 f"within {options.connect_timeout:.0f}s"
             ) from None
         check_versions(client)
+        log.info("connected to scheduler %s", client.scheduler.address)
         yield client

@@ -98,8 +98,8 @@ class CalibrationConfig(_Strict):
     max_trials: int = Field(default=200, ge=1, le=10_000_000)
     max_in_flight: int | Literal["auto"] = "auto"
     trial_timeout: float = Field(default=600.0, gt=0, le=7 * 24 * 3600)
-    max_time: float | None = Field(default=None, gt=0)
-    target_loss: float | None = None
+    max_time: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    target_loss: float | None = Field(default=None, allow_inf_nan=False)
     storage: str = Field(default="sqlite:///simcal.db", min_length=1)
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
@@ -125,10 +125,15 @@ class CalibrationConfig(_Strict):
         return self
 
 
+def _field(part: object) -> str:
+    text = str(part)  # quoted when a key is empty, padded or has control characters
+    return text if text and text.isprintable() and text.strip() == text else repr(text)
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "<config>"
+        location = ".".join(_field(part) for part in item["loc"]) or "<config>"
         message = item["msg"].removeprefix("Value error, ")
         lines.append(f"  {location}: {message}")
     return "invalid config:\n" + "\n".join(lines)
@@ -147,6 +152,21 @@ def validate_config(data: Any, overrides: Mapping[str, Any] | None = None) -> Ca
         raise ConfigError(_describe(exc)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that reports an integer too long to convert as a YAML error."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than sys.get_int_max_str_digits()
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer of {len(node.value)} characters is too long", node.start_mark
+            ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
     """Read and validate a YAML config file."""
     path = Path(path)
@@ -157,10 +177,15 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(f"config {str(path)!r} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
-    return validate_config(data if data is not None else {}, overrides)
+    except RecursionError:
+        raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
+    try:
+        return validate_config(data if data is not None else {}, overrides)
+    except RecursionError:
+        raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
 
 
 DEMO_CONFIG: dict[str, Any] = {

@@ -29,8 +29,10 @@ from simcal.service import SimulationService
 from simcal.storage import (
     FAIL_REASON,
     counted_trials,
+    mark_interrupted,
     recover_interrupted,
     requeue,
+    tell,
     with_retries,
 )
 from simcal.targets import load_observed, loss_function
@@ -226,9 +228,32 @@ class Calibration:
         return runs
 
     def _ask(self) -> optuna.Trial:
-        trial = with_retries(lambda: self.study.ask(self._distributions), what="ask")
-        trial.set_user_attr("run_id", self.service.run_id)
+        failed_attempts = 0
+
+        def ask() -> optuna.Trial:
+            nonlocal failed_attempts
+            try:
+                return self.study.ask(self._distributions)
+            except Exception:
+                failed_attempts += 1
+                raise
+
+        trial = with_retries(ask, what="ask")
+        if failed_attempts:  # a failed ask may have created a trial before the database failed
+            with_retries(lambda: self._tell_orphans(trial.number), what="ask")
+        with_retries(lambda: trial.set_user_attr("run_id", self.service.run_id), what="ask")
         return trial
+
+    def _tell_orphans(self, asked: int) -> None:
+        """Tell the trials a failed ``ask`` left RUNNING as interrupted (not counted)."""
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number == asked or frozen.number in self._inflight:
+                continue
+            log.info("trial %d was left running by a failed ask; telling it", frozen.number)
+            if len(frozen.params) == len(self._distributions):  # e.g. a popped retry
+                requeue(self.study, frozen.number, frozen._trial_id, frozen.params)
+            else:
+                mark_interrupted(self.study, frozen.number, frozen._trial_id)
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         trial_id = str(trial.number)
@@ -288,10 +313,10 @@ class Calibration:
         losses = [run.losses[name] for name in run.aggregations.values()]
         total = sum(item.loss for item in losses)
         busy = losses[0].replicate_seconds + sum(item.aggregation_seconds for item in losses)
-        for item in losses:
-            run.trial.set_user_attr(f"loss_{item.target}", item.loss)
-        run.trial.set_user_attr("duration_seconds", round(seconds, 4))
-        with_retries(lambda: self.study.tell(run.trial, total), what="tell")
+        attrs = {f"loss_{item.target}": item.loss for item in losses}
+        attrs["duration_seconds"] = round(seconds, 4)
+        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell")
+        tell(self.study, run.trial, total, what="tell")
         self._counted += 1
         self._stats.completed += 1
         self._best = min(self._best, total)
@@ -301,17 +326,23 @@ class Calibration:
         seconds = self._release(run)
         self.service.cancel(run.futures)
         reason = classify(error)
-        run.trial.set_user_attr(FAIL_REASON, reason.value)
-        run.trial.set_user_attr("error", describe(error))
-        run.trial.set_user_attr("duration_seconds", round(seconds, 4))
-        with_retries(
-            lambda: self.study.tell(run.trial, state=TrialState.FAIL), what="tell failed trial"
-        )
+        attrs = {
+            FAIL_REASON: reason.value,
+            "error": describe(error),
+            "duration_seconds": round(seconds, 4),
+        }
+        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell failed trial")
+        tell(self.study, run.trial, state=TrialState.FAIL, what="tell failed trial")
         self._counted += 1
         self._stats.failed += 1
         self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
         self.metrics.trial_failed(reason, seconds)
         log.debug("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+
+    @staticmethod
+    def _set_attrs(trial: optuna.Trial, attrs: dict[str, object]) -> None:
+        for key, value in attrs.items():  # idempotent: safe to retry as a whole
+            trial.set_user_attr(key, value)
 
     def _expire_timed_out(self) -> None:
         now = self._clock()

@@ -19,6 +19,10 @@ def resolve(reference: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise UnresolvableReferenceError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # relative names ('.x'), errors raised by the module's own code
+        raise UnresolvableReferenceError(
+            f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attribute.split("."):
         try:
             obj = getattr(obj, part)

@@ -17,32 +17,52 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from simcal.samplers import CachedTPESampler
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
 RETRY_OF = "retry_of"
+_SECRET_QUERY_KEYS = ("password", "passwd", "pwd")
+# libpq waits forever for a server that accepts the connection but never answers.
+POSTGRES_CONNECT_TIMEOUT = 10
 
 
 class StorageError(RuntimeError):
     """Storage cannot be opened or written; the message never contains a password."""
 
 
+def _secrets(url: str) -> list[str]:
+    """The URL's password, in its userinfo or as a ``password=`` query parameter."""
+    parsed = make_url(url)
+    found = [str(parsed.password)] if parsed.password else []
+    for key, value in parsed.query.items():
+        if key.lower() in _SECRET_QUERY_KEYS:
+            found.extend([value] if isinstance(value, str) else list(value))
+    return [secret for secret in found if secret]
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced by ``***``."""
+    """The URL with its password (userinfo or ``password=`` query parameter) replaced by ``***``."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        hidden = {k: "***" for k in parsed.query if k.lower() in _SECRET_QUERY_KEYS}
+        rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+        return rendered.replace("%2A%2A%2A", "***")
     except Exception:
         return "<unparseable storage URL>"
 
 
 def _scrub(message: str, url: str) -> str:
     try:
-        password = make_url(url).password
+        secrets = _secrets(url)
     except Exception:
         return message
-    return message.replace(str(password), "***") if password else message
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
 
 
 def _check_sqlite_path(url: str) -> None:
@@ -51,21 +71,23 @@ def _check_sqlite_path(url: str) -> None:
         return
     directory = Path(parsed.database).resolve().parent
     if not directory.is_dir():
-        raise StorageError(f"cannot open storage {url}: directory {directory} does not exist")
+        raise StorageError(
+            f"cannot open storage {redact(url)}: directory {directory} does not exist"
+        )
     probe = directory / f".simcal-write-test-{time.monotonic_ns()}"
     try:
         probe.touch()
         probe.unlink()
     except OSError as exc:
         raise StorageError(
-            f"cannot open storage {url}: {directory} is not writable ({exc.strerror})"
+            f"cannot open storage {redact(url)}: {directory} is not writable ({exc.strerror})"
         ) from None
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
-    if name == "tpe":
-        return optuna.samplers.TPESampler(constant_liar=True, multivariate=True, seed=seed)
+    if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
+        return CachedTPESampler(constant_liar=True, multivariate=True, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
@@ -80,9 +102,13 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
     except Exception:
         raise StorageError(f"invalid storage URL {redact(url)!r}") from None
     _check_sqlite_path(url)
+    engine_kwargs: dict[str, object] = {"pool_pre_ping": True}
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
+        engine_kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
     try:
         storage = optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True}, skip_table_creation=False
+            url, engine_kwargs=engine_kwargs, skip_table_creation=False
         )
         return optuna.create_study(
             study_name=study_name,
@@ -91,28 +117,93 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
             direction="minimize",
             load_if_exists=True,
         )
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, ImportError) as exc:
-        reason = _scrub(str(exc).splitlines()[0], url)
+    except (
+        sqlalchemy.exc.SQLAlchemyError,
+        optuna.exceptions.StorageInternalError,
+        OSError,
+        ImportError,
+        RuntimeError,  # e.g. a table schema of another Optuna version
+        ValueError,
+    ) as exc:
+        cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+        lines = str(cause or exc).strip().splitlines() or [type(exc).__name__]
+        reason = _scrub(lines[0], url)
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
 
 
+def _transient(error: BaseException | None) -> BaseException | None:
+    """The database error behind ``error`` if retrying may help (lock, lost connection).
+
+    Optuna wraps the SQLAlchemy errors raised inside its sessions in ``StorageInternalError``;
+    a query after a dropped connection raises ``PendingRollbackError`` (Optuna rolls back).
+    """
+    if isinstance(error, optuna.exceptions.StorageInternalError):
+        return _transient(error.__cause__)
+    if isinstance(error, sqlalchemy.exc.PendingRollbackError):
+        return _transient(error.__cause__ or error.__context__) or error
+    if isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return error
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+        return error
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """The database driver's one-line reason (no URL in it, so no password)."""
+    orig = getattr(error, "orig", None) or error
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0][:200]}" if lines else type(orig).__name__
+
+
 def with_retries(
-    operation: Callable[[], T], *, what: str, attempts: int = 6, first_delay: float = 0.2
+    operation: Callable[[], T],
+    *,
+    what: str,
+    attempts: int = 8,
+    first_delay: float = 0.2,
+    max_delay: float = 10.0,
 ) -> T:
-    """Run a storage operation, retrying transient database errors with exponential backoff."""
+    """Run a storage operation, retrying transient database errors with exponential backoff.
+
+    With the defaults the attempts span about 25 s of waiting (plus each attempt's own
+    timeouts): enough for a locked SQLite file or a restarting PostgreSQL server.
+    """
     delay = first_delay
     for attempt in range(1, attempts + 1):
         try:
             return operation()
-        except sqlalchemy.exc.OperationalError as exc:
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            error = _transient(exc)
+            if error is None:
+                raise
             if attempt == attempts:
                 raise StorageError(
-                    f"{what} failed after {attempts} attempts: {type(exc.orig).__name__}"
+                    f"{what} failed after {attempts} attempts: {_reason(error)}"
                 ) from None
-            log.warning("%s failed (%s); retrying in %.1fs", what, type(exc.orig).__name__, delay)
+            log.warning("%s failed (%s); retrying in %.1fs", what, _reason(error), delay)
             time.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, max_delay)
     raise AssertionError("unreachable")
+
+
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    value: float | None = None,
+    *,
+    state: TrialState | None = None,
+    what: str = "tell",
+) -> None:
+    """``study.tell`` with retries. A retry skips a trial that is already finished: the
+    attempt before it committed, then lost its connection before hearing so."""
+    attempts = 0
+
+    def once() -> None:
+        nonlocal attempts
+        attempts += 1
+        study.tell(trial, value, state=state, skip_if_finished=attempts > 1)
+
+    with_retries(once, what=what)
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -128,10 +219,19 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
 
 
 def requeue(study: optuna.Study, number: int, trial_id: int, params: dict[str, float]) -> None:
-    """Mark a trial failed as interrupted (not counted) and enqueue its parameters again."""
-    study.enqueue_trial(params, user_attrs={RETRY_OF: number}, skip_if_exists=False)
+    """Mark a trial failed as interrupted (not counted) and enqueue its parameters again.
+
+    A trial killed before its parameters were stored has nothing to retry.
+    """
+    if params:
+        study.enqueue_trial(params, user_attrs={RETRY_OF: number}, skip_if_exists=False)
+    mark_interrupted(study, number, trial_id)
+
+
+def mark_interrupted(study: optuna.Study, number: int, trial_id: int) -> None:
+    """Tell a trial failed as interrupted: it does not count towards ``max_trials``."""
     study._storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
-    study.tell(number, state=TrialState.FAIL)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # retried as a whole
 
 
 def counted_trials(study: optuna.Study) -> int:

@@ -81,7 +81,8 @@ app.kubernetes.io/component: driver
 
 {{/* In-cluster scheduler address (the operator's Service, port tcp-comm). */}}
 {{- define "simcal.schedulerAddress" -}}
-{{- printf "tcp://%s-scheduler.%s.svc.cluster.local:8786" (include "simcal.clusterName" .) .Release.Namespace }}
+{{- $scheme := ternary "tls" "tcp" (include "simcal.tlsEnabled" . | eq "true") }}
+{{- printf "%s://%s-scheduler.%s.svc.cluster.local:8786" $scheme (include "simcal.clusterName" .) .Release.Namespace }}
 {{- end }}
 
 {{- define "simcal.dashboardURL" -}}
@@ -273,4 +274,61 @@ initialDelaySeconds: {{ int .probe.initialDelaySeconds }}
 periodSeconds: {{ int .probe.periodSeconds }}
 timeoutSeconds: {{ int .probe.timeoutSeconds }}
 failureThreshold: {{ int .probe.failureThreshold }}
+{{- end }}
+
+{{/*
+Dask TLS (tls.enabled): every Dask connection is tls:// and both ends present a certificate
+signed by the CA, from the existing Secret tls.existingSecret mounted at /etc/simcal/tls.
+simcal.tlsEnabled is "true" or "" (fails without a Secret); simcal.tlsArgs are the
+--tls-ca-file/--tls-cert/--tls-key flags `dask scheduler`, `dask worker` and `simcal run`
+share; simcal.tlsEnv is the same as Dask config, for plain `distributed.Client` code.
+*/}}
+{{- define "simcal.tlsEnabled" -}}
+{{- $tls := .Values.tls | default dict }}
+{{- if $tls.enabled }}
+{{- if not $tls.existingSecret }}
+{{- fail "tls.enabled needs tls.existingSecret: the name of a Secret with the CA, certificate and key (keys tls.caKey, tls.certKey, tls.keyKey)." }}
+{{- end }}
+{{- "true" }}
+{{- end }}
+{{- end }}
+
+{{- define "simcal.tlsArgs" -}}
+- --tls-ca-file
+- /etc/simcal/tls/ca.pem
+- --tls-cert
+- /etc/simcal/tls/tls.crt
+- --tls-key
+- /etc/simcal/tls/tls.key
+{{- end }}
+
+{{- define "simcal.tlsEnv" -}}
+- name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION
+  value: "true"
+- name: DASK_DISTRIBUTED__COMM__TLS__CA_FILE
+  value: /etc/simcal/tls/ca.pem
+- name: DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT
+  value: /etc/simcal/tls/tls.crt
+- name: DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY
+  value: /etc/simcal/tls/tls.key
+{{- end }}
+
+{{- define "simcal.tlsMount" -}}
+- name: dask-tls
+  mountPath: /etc/simcal/tls
+  readOnly: true
+{{- end }}
+
+{{- define "simcal.tlsVolume" -}}
+- name: dask-tls
+  secret:
+    secretName: {{ .Values.tls.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.tls.caKey }}
+        path: ca.pem
+      - key: {{ .Values.tls.certKey }}
+        path: tls.crt
+      - key: {{ .Values.tls.keyKey }}
+        path: tls.key
 {{- end }}
