@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from distributed import Client, Future, as_completed, wait
+from distributed.client import FuturesCancelledError
 
 from simcal.config import TargetSpec
 from simcal.failures import NonFiniteLossError, ResultLostError
@@ -52,23 +53,23 @@ class SimulationService:
         trial_id: str,
         model_options: Mapping[str, Any] | None = None,
     ) -> list[Future]:
-        """Submit one task per replicate, keyed ``sim-<run_id>-<trial_id>-<i>``."""
+        """Submit one task per replicate, keyed ``sim-<run_id>-<trial_id>-<i>``.
+
+        The tasks go in one ``Client.map`` call: one graph update on the scheduler, not R.
+        """
         if n_replicates < 1:
             raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
         function = resolve_callable(model) if isinstance(model, str) else model
-        options = dict(model_options or {})
-        return [
-            self.client.submit(
-                run_replicate,
-                function,
-                dict(params),
-                replicate_seed(seed, trial_id, index),
-                options,
-                key=f"sim-{self.run_id}-{trial_id}-{index}",
-                pure=False,
-            )
-            for index in range(n_replicates)
-        ]
+        indices = range(n_replicates)
+        return self.client.map(
+            run_replicate,
+            [function] * n_replicates,
+            [dict(params)] * n_replicates,
+            [replicate_seed(seed, trial_id, index) for index in indices],
+            [dict(model_options or {})] * n_replicates,
+            key=[f"sim-{self.run_id}-{trial_id}-{index}" for index in indices],
+            pure=False,
+        )
 
     def submit_aggregation(
         self,
@@ -108,8 +109,10 @@ class SimulationService:
         futures = list(futures)
         if not futures:
             return []
-        with contextlib.suppress(TimeoutError):
-            wait(futures, timeout=timeout)
+        if not all(future.done() for future in futures):  # a stream's batch is done already
+            # wait() raises if any future was cancelled; each outcome below says so instead
+            with contextlib.suppress(TimeoutError, FuturesCancelledError):
+                wait(futures, timeout=timeout)
         finished = {f.key: f for f in futures if f.status == "finished"}
         fetched = self.client.gather(finished, errors="skip") if finished else {}
         return [self._outcome(future, fetched) for future in futures]
@@ -143,10 +146,14 @@ class SimulationService:
         return len(workers), sum(int(w.get("nthreads", 1)) for w in workers)
 
     def restart_stuck_workers(self, futures: Iterable[Future]) -> list[str]:
-        """Restart the workers still executing any of ``futures`` (hung tasks hold their slot)."""
-        keys = [f.key for f in futures]
-        stacks = self.client.call_stack(keys=keys) if keys else {}
-        stuck = [worker for worker, tasks in stacks.items() if tasks]
+        """Restart the workers still executing any of ``futures`` (hung tasks hold their slot).
+
+        Every worker is asked what it runs: a cancelled task is gone from the scheduler
+        (which then refuses its key) while its thread still runs on the worker.
+        """
+        keys = {f.key for f in futures}
+        stacks = self.client.call_stack() if keys else {}
+        stuck = [worker for worker, tasks in stacks.items() if keys & set(tasks)]
         if stuck:
             self.client.restart_workers(stuck, raise_for_error=False)
         return stuck
