@@ -1,0 +1,286 @@
+"""The container image: hadolint on the Dockerfile, then the real image built with podman.
+
+The image is built from a local Debian base (``debootstrap --variant=minbase`` with python3 and
+python3-venv, ``podman import``), runs ``simcal --version``, and runs a short calibration as a
+scheduler, 8 worker and a driver container on the host network, hardened like the chart's pods
+(read-only root filesystem, all capabilities dropped, uid 1000).
+
+Without podman, runc, debootstrap or root the podman tests skip, unless ``CI`` is set: then they
+fail. Kept between runs under ``$SIMCAL_IMAGE_CACHE`` (default /var/tmp/simcal-image-cache): the
+Debian base tarball (keyed by suite, packages and mirror) and a podman store of its own, whose
+layer cache keys the dependency layers by the Dockerfile, pyproject.toml and constraints.txt, so
+after a source edit only the simcal wheel is rebuilt. Delete the directory to build from scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import simcal
+from calibration_run import assert_calibrated, driver_summary
+from conftest import REPO, write_config
+from processes import free_port, start, stopping, wait_until
+
+HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
+CACHE = Path(os.environ.get("SIMCAL_IMAGE_CACHE", "/var/tmp/simcal-image-cache"))
+SUITE, PACKAGES = "bookworm", ("python3", "python3-venv")
+# pip in the build trusts the host's CA bundle (a TLS-intercepting proxy's CA, if any): passed
+# as a build secret, so it is in no image layer.
+CA_BUNDLE = Path(os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"))
+WORKERS, TRIALS = 8, 12
+# The first podman test also pays for debootstrap and the build (about 4 min from scratch here).
+PODMAN_TIMEOUT = pytest.mark.timeout(2400)
+
+
+def hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HADOLINT, "--no-color", "--config", str(REPO / ".hadolint.yaml"), str(dockerfile)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_hadolint_passes():
+    result = hadolint(REPO / "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_requires_the_oci_labels(tmp_path):
+    """The label schema in .hadolint.yaml is live: a Dockerfile without the title label fails."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    without_title = re.sub(r'org\.opencontainers\.image\.title="[^"]*" ', "", text)
+    assert without_title != text
+    (tmp_path / "Dockerfile").write_text(without_title, encoding="utf-8")
+    result = hadolint(tmp_path / "Dockerfile")
+    assert result.returncode != 0
+    assert "DL3049" in result.stdout and "org.opencontainers.image.title" in result.stdout
+
+
+def _require(condition: bool, reason: str) -> None:
+    """Skip without the tools, but fail in CI, where the image test must run."""
+    if not condition:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """An exclusive lock under the cache (concurrent test runs share it)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _ulimit(name: str, which: int) -> str:
+    """``--ulimit name=N:N``, N = 4096 or the host's hard limit if lower."""
+    hard = resource.getrlimit(which)[1]
+    limit = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    return f"--ulimit={name}={limit}:{limit}"
+
+
+class Podman:
+    """podman with flags that need no systemd, Docker or podman config: runc, cgroupfs, file
+    events, a store under the cache, and ulimits within the host's hard limits (podman's
+    defaults exceed them, and runc cannot raise them)."""
+
+    def __init__(self, driver: str) -> None:
+        self.flags = [
+            "--root", str(CACHE / f"storage-{driver}"),
+            "--runroot", f"/run/simcal-image-test/{driver}",
+            "--storage-driver", driver,
+            "--runtime", "runc",
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+        ]
+        self.ulimits = [_ulimit("nofile", resource.RLIMIT_NOFILE),
+                        _ulimit("nproc", resource.RLIMIT_NPROC)]
+
+    def argv(self, *args: str) -> list[str]:
+        return ["podman", *self.flags, *args]
+
+    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> str:
+        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            pytest.fail(f"podman {' '.join(args[:2])} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def succeeds(self, *args: str) -> bool:
+        return subprocess.run(self.argv(*args), capture_output=True, timeout=120).returncode == 0
+
+    def run_args(self, image: str, *args: str, options: tuple[str, ...] = ()) -> list[str]:
+        """``podman run`` hardened like the chart's pods, on the host network."""
+        return [
+            "run", "--rm", "--network=host", *self.ulimits,
+            "--read-only", "--cap-drop=all", "--security-opt=no-new-privileges",
+            "--user=1000:1000", "--tmpfs=/home/simcal:U", *options, image, *args,
+        ]
+
+
+@pytest.fixture(scope="session")
+def podman() -> Podman:
+    """podman on overlay storage, or on vfs where overlay does not work."""
+    for tool in ("podman", "runc", "debootstrap", "tar"):
+        _require(shutil.which(tool) is not None, f"{tool} is not installed")
+    _require(os.geteuid() == 0, "the image build needs root (debootstrap, podman storage)")
+    for driver in ("overlay", "vfs"):
+        if (candidate := Podman(driver)).succeeds("info"):
+            return candidate
+    pytest.fail("podman works with neither the overlay nor the vfs storage driver")
+
+
+def _apt_mirror() -> str:
+    """The Debian mirror apt uses (deb822 or one-line sources), else deb.debian.org."""
+    apt = Path("/etc/apt")
+    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]:
+        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+        found = re.search(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+/debian)/?\s", text, re.M)
+        if found:
+            return found.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def _debootstrap(tarball: Path, mirror: str) -> None:
+    """A minbase Debian root filesystem with python3 and python3-venv, as a tarball."""
+    rootfs = tarball.with_suffix(".rootfs")
+    shutil.rmtree(rootfs, ignore_errors=True)
+    result = subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
+         SUITE, str(rootfs), mirror],
+        capture_output=True, text=True, timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    partial = tarball.with_suffix(".partial")
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
+    partial.rename(tarball)
+    shutil.rmtree(rootfs)
+
+
+@pytest.fixture(scope="session")
+def base_image(podman: Podman) -> str:
+    """localhost/simcal-base:<key>, imported from the (cached) debootstrap tarball."""
+    mirror = _apt_mirror()
+    key = hashlib.sha256(f"{SUITE} {PACKAGES} {mirror}".encode()).hexdigest()[:12]
+    tag = f"localhost/simcal-base:{key}"
+    tarball = CACHE / f"debian-{SUITE}-minbase-{key}.tar"
+    with _locked("base"):
+        if not tarball.exists():
+            _debootstrap(tarball, mirror)
+        if not podman.succeeds("image", "exists", tag):
+            podman("import", str(tarball), tag, timeout=600)
+    return tag
+
+
+@pytest.fixture(scope="session")
+def image(podman: Podman, base_image: str) -> str:
+    """The simcal image built from this checkout (layer-cached), as an image ID."""
+    iidfile = CACHE / f"iid-{uuid.uuid4().hex}"
+    secret = [f"--secret=id=ca-bundle,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
+    with _locked("build"):
+        podman(
+            "build", "--network=host", *podman.ulimits, *secret,
+            f"--build-arg=BASE_IMAGE={base_image}", f"--iidfile={iidfile}",
+            "--tag=localhost/simcal:test", str(REPO),
+            timeout=1800,
+        )
+    image_id = iidfile.read_text(encoding="utf-8").strip()
+    iidfile.unlink()
+    return image_id
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _constraints() -> dict[str, str]:
+    pins = (line.split("==") for line in (REPO / "constraints.txt").read_text().split())
+    return {_canonical(name): version for name, version in pins}
+
+
+INSTALLED = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+)
+
+
+@PODMAN_TIMEOUT
+def test_image_runs_as_uid_1000_with_the_tested_versions(podman, image):
+    config = json.loads(podman("image", "inspect", image))[0]["Config"]
+    assert config["User"] == "1000:1000"
+    assert not config.get("Entrypoint"), "the chart passes the whole command in args"
+    assert config["Labels"]["org.opencontainers.image.version"] == simcal.__version__
+
+    def run(*args: str) -> str:
+        return podman(*podman.run_args(image, *args))
+
+    assert run("simcal", "--version").strip() == f"simcal {simcal.__version__}"
+    assert run("dask", "--version").strip().endswith(_constraints()["dask"])
+    assert run("id", "-u").strip() == "1000"
+    installed = {_canonical(k): v for k, v in json.loads(run("python", "-c", INSTALLED)).items()}
+    pins = _constraints()
+    assert {"dask", "distributed", "optuna", "numpy", "psycopg2-binary"} <= set(installed)
+    drift = {k: (v, pins[k]) for k, v in installed.items() if k in pins and pins[k] != v}
+    assert not drift, f"image versions differ from constraints.txt: {drift}"
+
+
+@PODMAN_TIMEOUT
+def test_calibration_in_containers(podman, image, tmp_path):
+    """Scheduler, 8 workers and the driver as containers, hardened like the chart's pods."""
+    config, data, logs = tmp_path / "config", tmp_path / "data", tmp_path / "logs"
+    for directory in (config, data, logs):
+        directory.mkdir()
+    write_config(config, max_trials=TRIALS, storage="sqlite:////data/simcal.db")
+    port, dashboard = free_port(), free_port()
+    scheduler = f"tcp://127.0.0.1:{port}"
+    prefix = f"simcal-test-{uuid.uuid4().hex[:8]}"
+    names: list[str] = []
+
+    def container(name: str, *args: str, options: tuple[str, ...] = ()) -> list[str]:
+        names.append(f"{prefix}-{name}")
+        options = (f"--name={names[-1]}", *options)
+        return podman.argv(*podman.run_args(image, *args, options=options))
+
+    try:
+        with stopping() as procs:
+            procs.append(start("scheduler", container(
+                "scheduler", "dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                "--dashboard-address", f"127.0.0.1:{dashboard}",
+            ), logs))
+            wait_until(lambda: procs[0].says("Scheduler at"), 300, "the scheduler container")
+            procs.extend(start(f"worker-{i}", container(
+                f"worker-{i}", "dask", "worker", scheduler, "--name", f"worker-{i}",
+                "--nthreads", "1", "--memory-limit", "1GiB", "--host", "127.0.0.1",
+                "--no-dashboard", "--local-directory", "/scratch", options=("--tmpfs=/scratch:U",),
+            ), logs) for i in range(WORKERS))
+            result = subprocess.run(container(
+                "driver", "simcal", "run", "--config", "/etc/simcal/calibration.yaml",
+                "--scheduler", scheduler, "--min-workers", str(WORKERS), "--metrics-port", "0",
+                "--connect-timeout", "300", "--storage", "sqlite:////data/simcal.db",
+                options=(f"--volume={config}:/etc/simcal:ro", f"--volume={data}:/data:U"),
+            ), capture_output=True, text=True, timeout=900)
+            summary = driver_summary(result, *procs[:2])
+            # The chart's scheduler probes and ServiceMonitor use these endpoints.
+            http = f"http://127.0.0.1:{dashboard}"
+            with urllib.request.urlopen(f"{http}/health", timeout=10) as response:
+                assert response.read() == b"ok"
+            with urllib.request.urlopen(f"{http}/metrics", timeout=10) as response:
+                assert b"dask_scheduler_workers" in response.read()
+            for proc in procs:  # all at once; stopping() then waits for each
+                proc.signal(signal.SIGTERM, group=True)
+    finally:
+        podman("rm", "--force", "--ignore", "--time=0", *names, check=False)
+    assert_calibrated(summary, f"sqlite:///{data}/simcal.db", "synthetic-test", TRIALS, WORKERS)

@@ -1,0 +1,199 @@
+"""Manifest smoke test: the chart's own commands, run as local processes, finish a calibration.
+
+The scheduler, 8 workers and the driver take their args and env from the rendered chart: the
+DaskCluster's pods as the Dask operator's own builders make them (with the env the operator
+adds), and the driver Job's pod. They run as Kubernetes would run them, except for what a pod
+has and this host has not:
+
+- the scheduler Service's DNS name is 127.0.0.1, and each declared container port is a free
+  port on 127.0.0.1 (here 8 workers share one network namespace), so dask binds
+  ``--host 127.0.0.1`` and simcal ``--metrics-host 127.0.0.1``;
+- each volume mount is a temp dir, the ConfigMap's files written into its own;
+- ``$(VAR)`` references in args are expanded from the container's env, as the kubelet does.
+
+Each container's readiness and liveness probes are then asked over HTTP, as the kubelet would.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dask_kubernetes.operator.controller import (
+    build_scheduler_deployment_spec,
+    build_worker_deployment_spec,
+)
+
+from calibration_run import assert_calibrated, driver_summary
+from chart import expand_k8s_vars, find, render
+from processes import free_port, start, stopping, wait_until
+
+RELEASE, NAMESPACE, STUDY, TRIALS = "smoke", "ci", "smoke-test", 12
+VALUES = {
+    "calibration": {
+        "study": STUDY,
+        "model": "simcal.models.synthetic:simulate",
+        # null removes the default (SEIR) parameters, as with `helm --set`
+        "parameters": {
+            "beta": None, "gamma": None,
+            "x": {"low": 0.0, "high": 1.0}, "y": {"low": 0.0, "high": 1.0},
+        },
+        "replicates": 3,
+        "seed": 7,
+        "targets": [{"name": "y", "observed": "simcal.models.synthetic:observed", "loss": "mse"}],
+        "max_trials": TRIALS,
+    },
+    # long enough for the readiness probe to see /metrics after a quick run
+    "driver": {"metricsLinger": 3},
+}
+IN_CLUSTER_SCHEDULER = re.compile(r"tcp://[a-z0-9.-]+\.svc\.cluster\.local:8786")
+PORT_OPTIONS = ("--port", "--dashboard-address", "--metrics-port")
+BIN = str(Path(sys.executable).parent)
+
+
+@dataclass
+class LocalContainer:
+    """A rendered container made runnable here: argv, env, and its ports on 127.0.0.1."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    ports: dict[str, int]
+    probes: list[dict[str, Any]]
+
+    def probes_pass(self) -> bool:
+        """Whether every HTTP probe answers 200, as the kubelet would ask it."""
+        for probe in self.probes:
+            url = f"http://127.0.0.1:{self.ports[probe['port']]}{probe['path']}"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status != 200:
+                        return False
+            except (urllib.error.URLError, OSError):
+                return False
+        return True
+
+
+def localize(
+    name: str,
+    pod: dict[str, Any],
+    root: Path,
+    scheduler_port: int,
+    config_maps: dict[str, dict[str, str]],
+) -> LocalContainer:
+    """The pod's one container, with its mounts, ports and scheduler address on this host."""
+    (container,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        local = root / name / mount["name"]
+        local.mkdir(parents=True)
+        config_map = volumes[mount["name"]].get("configMap")
+        for file, text in (config_maps[config_map["name"]] if config_map else {}).items():
+            (local / file).write_text(text, encoding="utf-8")
+        mounts[mount["mountPath"]] = str(local)
+    ports = {
+        p["name"]: scheduler_port if p["name"] == "tcp-comm" else free_port()
+        for p in container.get("ports", [])
+    }
+    by_number = {p["containerPort"]: ports[p["name"]] for p in container.get("ports", [])}
+    paths = re.compile(rf"(?<![\w.-])({'|'.join(map(re.escape, mounts))})(?=/|$)")
+
+    def local_text(text: str) -> str:
+        text = IN_CLUSTER_SCHEDULER.sub(f"tcp://127.0.0.1:{scheduler_port}", text)
+        return paths.sub(lambda m: mounts[m.group(1)], text) if mounts else text
+
+    assert all("value" in e for e in container.get("env", [])), "only literal env values here"
+    env = {e["name"]: local_text(e["value"]) for e in container.get("env", [])}
+    args = [local_text(expand_k8s_vars(a, env)) for a in container["args"]]
+    for i, option in enumerate(args[:-1]):
+        port = args[i + 1].rpartition(":")[2]
+        if option in PORT_OPTIONS and port.isdigit() and int(port) in by_number:
+            local = by_number[int(port)]
+            args[i + 1] = f"127.0.0.1:{local}" if option.endswith("-address") else str(local)
+    args += ["--host", "127.0.0.1"] if args[0] == "dask" else ["--metrics-host", "127.0.0.1"]
+    probes = [
+        container[kind]["httpGet"]
+        for kind in ("readinessProbe", "livenessProbe")
+        if "httpGet" in container.get(kind, {})
+    ]
+    full_env = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return LocalContainer(name, args, full_env, ports, probes)
+
+
+def run_driver(driver: LocalContainer, log_path: Path) -> subprocess.CompletedProcess:
+    """Run the driver to its end, asking its readiness probe on the way (metricsLinger keeps
+    /metrics up a moment after the run); stdout is the summary, stderr the log."""
+    with log_path.open("w+", encoding="utf-8") as log, subprocess.Popen(
+        driver.argv, stdout=subprocess.PIPE, stderr=log, text=True, env=driver.env
+    ) as popen:
+
+        def ready() -> bool:
+            assert popen.poll() is None, f"driver exited before ready:\n{log_path.read_text()}"
+            return driver.probes_pass()
+
+        try:
+            wait_until(ready, 300, "the driver's readiness probe")
+            stdout, _ = popen.communicate(timeout=600)
+        finally:
+            if popen.poll() is None:
+                popen.kill()
+        log.seek(0)
+        return subprocess.CompletedProcess(driver.argv, popen.returncode, stdout, log.read())
+
+
+@pytest.fixture(scope="module")
+def chart() -> list[dict[str, Any]]:
+    return render(VALUES, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_chart_commands_run_a_calibration(chart, tmp_path):
+    cluster = find(chart, "DaskCluster")
+    cluster_name, spec = cluster["metadata"]["name"], cluster["spec"]
+    replicas = spec["worker"]["replicas"]
+    assert replicas == 8
+    config_maps = {c["metadata"]["name"]: c["data"] for c in chart if c["kind"] == "ConfigMap"}
+    port = free_port()
+
+    def local(name: str, pod: dict[str, Any]) -> LocalContainer:
+        return localize(name, pod, tmp_path / "mounts", port, config_maps)
+
+    scheduler = local("scheduler", build_scheduler_deployment_spec(
+        cluster_name, spec["scheduler"]["spec"], {}, {}
+    )["spec"]["template"]["spec"])
+    workers = [
+        local(f"worker-{i}", build_worker_deployment_spec(
+            f"{cluster_name}-default", NAMESPACE, cluster_name, f"{i:010d}",
+            spec["worker"]["spec"], {}, {},
+        )["spec"]["template"]["spec"])
+        for i in range(replicas)
+    ]
+    driver = local("driver", find(chart, "Job")["spec"]["template"]["spec"])
+    assert driver.argv[driver.argv.index("--scheduler") + 1] == f"tcp://127.0.0.1:{port}"
+    worker_name = workers[0].argv[workers[0].argv.index("--name") + 1]
+    assert worker_name == f"{cluster_name}-default-worker-0000000000"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    with stopping() as procs:
+        procs.append(start("scheduler", scheduler.argv, logs, env=scheduler.env))
+        wait_until(lambda: procs[0].says("Scheduler at") and scheduler.probes_pass(), 120,
+                   "the scheduler's probes")
+        procs.extend(start(w.name, w.argv, logs, env=w.env) for w in workers)
+        wait_until(lambda: all(p.says("Registered to") for p in procs[1:]), 300, "the workers")
+        wait_until(lambda: all(w.probes_pass() for w in workers), 60, "the workers' probes")
+        result = run_driver(driver, logs / "driver.log")
+        summary = driver_summary(result, *procs[:2])
+        for proc in procs:  # all at once; stopping() then waits for each
+            proc.signal(signal.SIGTERM, group=True)
+    storage = driver.argv[driver.argv.index("--storage") + 1]
+    assert_calibrated(summary, storage, STUDY, TRIALS, replicas)
