@@ -14,32 +14,66 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
+from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
+def _number(text: str, kind: type[int] | type[float]) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _port(text: str) -> int:
-    value = int(text)
+    value = _number(text, int)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(text, float)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
     return value
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0-65535), got {text!r}")
+    return text
+
+
+def _memory_limit(text: str) -> str:
+    if text == "auto":
+        return text
+    from dask.utils import parse_bytes
+
+    try:
+        value = float(text) if text.replace(".", "", 1).isdigit() else parse_bytes(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', a byte size such as 4GiB, or a fraction of memory, got {text!r}"
+        ) from None
+    if not value >= 0:  # 0: no limit
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return text
 
 
 def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,9 +108,14 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
         help="keep /metrics up this many seconds after the run",
     )
     run.add_argument(
-        "--dashboard-address", default="127.0.0.1:8787", help="local cluster dashboard"
+        "--dashboard-address",
+        type=_host_port,
+        default="127.0.0.1:8787",
+        help="local cluster dashboard",
     )
-    run.add_argument("--worker-memory-limit", help="local cluster memory limit per worker")
+    run.add_argument(
+        "--worker-memory-limit", type=_memory_limit, help="local cluster memory limit per worker"
+    )
     run.add_argument("--tls-ca-file", type=Path, help="CA certificate for Dask TLS")
     run.add_argument("--tls-cert", type=Path, help="client certificate for Dask TLS")
     run.add_argument("--tls-key", type=Path, help="client key for Dask TLS")
@@ -91,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_parser(commands)
+    add_bench_parser(commands)
+    add_submit_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)
@@ -122,12 +163,51 @@ def _security(args: argparse.Namespace) -> object | None:
             raise ConfigError(f"TLS file {str(path)!r} does not exist")
     from distributed.security import Security
 
+    cert, key = str(args.tls_cert), str(args.tls_key)
+    # The client uses the certificate; a local cluster's scheduler and workers do too.
     return Security(
         tls_ca_file=str(args.tls_ca_file),
-        tls_client_cert=str(args.tls_cert),
-        tls_client_key=str(args.tls_key),
+        tls_client_cert=cert,
+        tls_client_key=key,
+        tls_scheduler_cert=cert,
+        tls_scheduler_key=key,
+        tls_worker_cert=cert,
+        tls_worker_key=key,
         require_encryption=True,
     )
+
+
+def _check_scheduler(address: str, source: str, security: object | None) -> None:
+    """An address Dask can connect to, with TLS options exactly when it is ``tls://``."""
+    import dask
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, _ = parse_address(address)
+        get_backend(scheme)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise ConfigError(f"{source} {address!r}: {exc}") from None
+    configured = dask.config.get("distributed.comm.tls.ca-file", default=None)
+    if scheme == "tls" and security is None and not configured:
+        raise ConfigError(
+            f"{source} {address!r}: a tls:// scheduler needs --tls-ca-file, --tls-cert, --tls-key"
+        )
+    if scheme != "tls" and security is not None:
+        raise ConfigError(f"{source} {address!r}: TLS options given, but the address is not tls://")
+
+
+def _check_targets(config: CalibrationConfig) -> None:
+    """Load every target's observed data now, so a bad file fails before anything starts."""
+    from simcal.targets import load_observed
+
+    for index, target in enumerate(config.targets):
+        try:
+            load_observed(target)
+        except Exception as exc:
+            raise ConfigError(
+                f"invalid config:\n  targets.{index}.observed: {type(exc).__name__}: {exc}"
+            ) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -148,6 +228,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         min_workers=args.min_workers,
     )
     security = _security(args)
+    _check_targets(config)
+    if args.summary and not args.summary.parent.is_dir():
+        raise ConfigError(f"--summary {str(args.summary)!r}: directory does not exist")
+    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+    if scheduler:
+        source = "--scheduler" if args.scheduler else "DASK_SCHEDULER_ADDRESS"
+        _check_scheduler(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
     metrics = Metrics(config.study)
     if args.metrics_port:
@@ -155,11 +242,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             port = metrics.serve(args.metrics_port, args.metrics_host)
         except OSError as exc:
             raise ConfigError(
-                f"--metrics-port {args.metrics_port}: cannot listen ({exc.strerror}); "
-                "pick another port or 0 to disable"
+                f"--metrics-host {args.metrics_host} --metrics-port {args.metrics_port}: "
+                f"cannot listen ({exc.strerror or exc}); pick another port or 0 to disable"
             ) from None
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
-    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     options = ClusterOptions(
         scheduler=scheduler,
         workers=args.workers,
@@ -227,8 +313,13 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     """``simcal check-config``: validate and print the resolved config."""
+    from simcal.storage import redact
+
     config = load_config(args.file)
-    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    _check_targets(config)
+    resolved = config.model_dump(mode="json")
+    resolved["storage"] = redact(config.storage)
+    print(json.dumps(resolved, indent=2))
     return EXIT_OK
 
 
@@ -245,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    import sqlalchemy.exc
+
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
+    from simcal.failures import describe
     from simcal.storage import StorageError
 
     try:
@@ -256,6 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (StorageError, ClusterError, SchedulerLostError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        log.debug("storage failure", exc_info=True)
+        cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+        print(f"simcal: error: storage failed: {describe(cause or exc)}", file=sys.stderr)
         return EXIT_FAILURE
 
 

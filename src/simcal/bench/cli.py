@@ -1,0 +1,49 @@
+"""The ``simcal bench`` subcommand: parse its options, run the suite, write the outputs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QUIET_LOGGERS = ("simcal.driver", "distributed", "optuna")
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``bench`` on the ``simcal`` command's subparsers."""
+    bench = commands.add_parser(
+        "bench",
+        help="measure gather cost, throughput and optimizer cost (see docs/performance.md)",
+    )
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick", action="store_true", help="smallest setting: 2 workers, seconds (for tests)"
+    )
+    size.add_argument("--full", action="store_true", help="the grid W 8,16,32 x d 0.05,0.2,1.0")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+    bench.add_argument(
+        "--storage",
+        choices=("memory", "sqlite"),
+        default="memory",
+        help="Optuna storage of the throughput runs (a temporary SQLite file, or in memory)",
+    )
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``simcal bench``: run the benchmark suite and write JSON, markdown and PNG."""
+    from simcal.bench.report import to_markdown, write_outputs
+    from simcal.bench.suite import PRESETS, run_suite
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
+    log.info("simcal bench, %s settings; results in %s", settings.name, args.out)
+    results = run_suite(settings, storage=args.storage)
+    paths = write_outputs(results, args.out)
+    print(to_markdown(results))
+    for kind, path in paths.items():
+        log.info("wrote %s: %s", kind, path)
+    return 0
