@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+
+from monitoring import DESIGN_ALERTS, promtool
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "helm" / "simcal" / "files" / "prometheus-rules.yaml"
@@ -16,15 +17,6 @@ RULE_TESTS_DIR = ROOT / "tests" / "rules"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 RUNBOOK_URL = "https://github.com/simcal/simcal/blob/main/docs/runbook.md#"
 
-# The alert names of the design brief (DESIGN.md, "Alert names").
-DESIGN_ALERTS = {
-    "SimcalThroughputRegression",
-    "SimcalLowWorkerUtilization",
-    "SimcalHighErrorRate",
-    "SimcalNoProgress",
-    "SimcalWorkersBelowMinimum",
-    "SimcalDriverDown",
-}
 REQUIRED_RECORDS = {"simcal:trials_per_minute:rate5m", "simcal:trial_error_ratio:rate10m"}
 EXPECTED_FOR = {
     "SimcalThroughputRegression": "10m",
@@ -33,12 +25,6 @@ EXPECTED_FOR = {
 }
 
 
-def promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists()
-                                        else None)
-    if path is None:
-        pytest.fail("promtool not found: install Debian's `prometheus` package (make system-deps)")
-    return path
 
 
 def run_promtool(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

@@ -43,6 +43,7 @@ from kube_schemas import (
     validate_builtin,
     validate_custom_resource,
 )
+from monitoring import DESIGN_ALERTS
 
 SCHEDULER = "tcp://simcal-scheduler.default.svc.cluster.local:8786"
 OPERATOR_INSTALL = (
@@ -651,14 +652,7 @@ def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     assert rule["spec"] == {"groups": source["groups"]}
     rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
     alerts = {r["alert"] for r in rules if "alert" in r}
-    assert alerts >= {
-        "SimcalThroughputRegression",
-        "SimcalLowWorkerUtilization",
-        "SimcalHighErrorRate",
-        "SimcalNoProgress",
-        "SimcalWorkersBelowMinimum",
-        "SimcalDriverDown",
-    }
+    assert alerts >= DESIGN_ALERTS
     assert "simcal:trials_per_minute:rate5m" in {r.get("record") for r in rules}
     # Every job matcher in the rules must select a job this chart produces.
     exprs = " ".join(str(r["expr"]) for r in rules)

@@ -4,7 +4,6 @@ that only uses metrics simcal, its recording rules or Dask export."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from itertools import combinations
@@ -22,6 +21,7 @@ from dashboard_queries import (
     raw_queries,
     substitute,
 )
+from monitoring import promtool
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
@@ -58,12 +58,6 @@ def is_known(metric: str, known: set[str]) -> bool:
     return metric in known or metric.startswith(("dask_scheduler_", "dask_worker_"))
 
 
-def promtool() -> str:
-    path = shutil.which("promtool") or ("/usr/bin/promtool" if Path("/usr/bin/promtool").exists()
-                                        else None)
-    if path is None:
-        pytest.fail("promtool not found: install Debian's `prometheus` package (make system-deps)")
-    return path
 
 
 def test_metric_selectors_scanner():
