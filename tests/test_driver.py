@@ -125,3 +125,18 @@ def test_resume_counts_earlier_trials(client: Client, tmp_path: Path) -> None:
     study, _, stats = calibrate(client, tmp_path, max_trials=25)
     assert stats.completed == 15
     assert len(study.get_trials()) == 25
+
+
+def test_streaming_keeps_workers_busy_and_reports_it(client: Client, tmp_path: Path) -> None:
+    _, metrics, stats = calibrate(
+        client,
+        tmp_path,
+        max_trials=10_000,
+        max_time=10,
+        replicates=4,
+        model_options={"duration": 0.5},
+    )
+    assert stats.stop_reason == "max_time"
+    assert metrics.value("simcal_workers") == 8
+    # sampled from the workers' heartbeats: sleeping replicates occupy nearly every thread
+    assert metrics.value("simcal_worker_utilization_ratio") > 0.6

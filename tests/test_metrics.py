@@ -43,7 +43,7 @@ def test_served_metrics_match_the_design() -> None:
     metrics = Metrics("demo")
     port = metrics.serve(0, "127.0.0.1")
     try:
-        metrics.trial_completed(loss=2.5, seconds=1.2, busy_seconds=4.0)
+        metrics.trial_completed(loss=2.5, seconds=1.2)
         metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.5)
         families = scrape(port)
     finally:
@@ -75,23 +75,27 @@ def test_served_metrics_match_the_design() -> None:
 def test_trailing_rates_and_utilization() -> None:
     clock = FakeClock()
     metrics = Metrics("demo", window_seconds=60, clock=clock)
-    metrics.set_workers(4, threads=4)
-    for _ in range(30):  # 30 trials over 30 s, each keeping 4 threads busy for 1 s
+    for _ in range(30):  # 30 trials over 30 s, all 4 threads busy
         clock.now += 1
-        metrics.trial_completed(loss=1.0, seconds=1.0, busy_seconds=4.0)
+        metrics.observe_cluster(workers=4, threads=4, busy_threads=4)
+        metrics.trial_completed(loss=1.0, seconds=1.0)
     metrics.refresh()
     assert metrics.value("simcal_trials_per_minute") == 60.0
     assert metrics.value("simcal_worker_utilization_ratio") == 1.0
-    clock.now += 45.5  # the first 15 completions leave the 60 s window
-    metrics.refresh()
+    assert metrics.value("simcal_workers") == 4
+    clock.now += 0.5
+    for _ in range(45):  # then 45 s with one thread busy and no trial finishing
+        clock.now += 1
+        metrics.observe_cluster(workers=4, threads=4, busy_threads=1)
+    metrics.refresh()  # the window now holds the last 15 busy seconds and 45 idle ones
     assert metrics.value("simcal_trials_per_minute") == 15.0
-    assert metrics.value("simcal_worker_utilization_ratio") == 0.25
+    assert metrics.value("simcal_worker_utilization_ratio") == (15 * 1.0 + 45 * 0.25) / 60
 
 
 def test_best_loss_only_improves() -> None:
     metrics = Metrics("demo")
     for loss in (3.0, 1.0, 2.0):
-        metrics.trial_completed(loss=loss, seconds=1, busy_seconds=1)
+        metrics.trial_completed(loss=loss, seconds=1)
     assert metrics.value("simcal_best_loss") == 1.0
 
 

@@ -312,15 +312,16 @@ class Calibration:
         seconds = self._release(run)
         losses = [run.losses[name] for name in run.aggregations.values()]
         total = sum(item.loss for item in losses)
-        busy = losses[0].replicate_seconds + sum(item.aggregation_seconds for item in losses)
+        task_seconds = losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses)
         attrs = {f"loss_{item.target}": item.loss for item in losses}
         attrs["duration_seconds"] = round(seconds, 4)
+        attrs["task_seconds"] = round(task_seconds, 4)
         with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell")
         tell(self.study, run.trial, total, what="tell")
         self._counted += 1
         self._stats.completed += 1
         self._best = min(self._best, total)
-        self.metrics.trial_completed(total, seconds, busy)
+        self.metrics.trial_completed(total, seconds)
 
     def _fail(self, run: TrialRun, error: BaseException) -> None:
         seconds = self._release(run)
@@ -396,9 +397,9 @@ class Calibration:
         if now - self._last_refresh < CLUSTER_REFRESH_SECONDS:
             return
         self._last_refresh = now
-        workers, threads = self.service.cluster_size()
-        self._threads = max(threads, 1)
-        self.metrics.set_workers(workers, threads)
+        cluster = self.service.cluster_snapshot()
+        self._threads = max(cluster.threads, 1)
+        self.metrics.observe_cluster(cluster.workers, cluster.threads, cluster.busy_threads)
         self.metrics.refresh()
 
     def _init_best(self) -> None:

@@ -59,8 +59,8 @@ class Metrics:
         self.study = study
         self.registry = registry or CollectorRegistry()
         self._completed_window = TrailingWindow(window_seconds, clock)
-        self._busy_window = TrailingWindow(window_seconds, clock)
-        self._threads = 0
+        self._occupancy = TrailingWindow(window_seconds, clock)
+        self._occupancy_samples = TrailingWindow(window_seconds, clock)
         self._best = float("inf")
         self._server: tuple[WSGIServer, Thread] | None = None
         labels = ["study"]
@@ -106,7 +106,8 @@ class Metrics:
         )
         self.utilization = Gauge(
             "simcal_worker_utilization_ratio",
-            "Busy task-seconds / (worker threads x wall seconds) over a trailing window.",
+            "Busy task-seconds / (worker threads x wall seconds) over a trailing window "
+            "(sampled from the workers' heartbeats).",
             labels,
             registry=self.registry,
         )
@@ -132,11 +133,10 @@ class Metrics:
             self.errors.labels(study, reason.value)
         self.best_loss.labels(study).set(float("nan"))
 
-    def trial_completed(self, loss: float, seconds: float, busy_seconds: float) -> None:
+    def trial_completed(self, loss: float, seconds: float) -> None:
         self.trials.labels(self.study, "completed").inc()
         self.duration.labels(self.study).observe(seconds)
         self._completed_window.add()
-        self._busy_window.add(busy_seconds)
         if loss < self._best:
             self.set_best_loss(loss)
 
@@ -152,9 +152,12 @@ class Metrics:
     def set_inflight(self, trials: int) -> None:
         self.inflight.labels(self.study).set(trials)
 
-    def set_workers(self, workers: int, threads: int) -> None:
+    def observe_cluster(self, workers: int, threads: int, busy_threads: int) -> None:
+        """Record the worker count and one sample of the share of threads running a task."""
         self.workers.labels(self.study).set(workers)
-        self._threads = threads
+        if threads:
+            self._occupancy.add(busy_threads / threads)
+            self._occupancy_samples.add()
 
     def set_min_workers(self, workers: int) -> None:
         self.min_workers.labels(self.study).set(workers)
@@ -163,9 +166,9 @@ class Metrics:
         """Recompute the trailing-window gauges."""
         span = self._completed_window.span()
         self.trials_per_minute.labels(self.study).set(self._completed_window.total() * 60 / span)
-        if self._threads:
-            busy = self._busy_window.total() / (self._threads * self._busy_window.span())
-            self.utilization.labels(self.study).set(min(busy, 1.0))
+        samples = self._occupancy_samples.total()
+        if samples:
+            self.utilization.labels(self.study).set(self._occupancy.total() / samples)
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (for summaries and tests); 0 if absent."""

@@ -13,6 +13,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,15 @@ def replicate_seed(seed: int, trial_id: str, index: int) -> int:
         entropy=seed, spawn_key=(zlib.crc32(trial_id.encode()), index)
     )
     return int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """The cluster as the scheduler last heard from its workers."""
+
+    workers: int
+    threads: int
+    busy_threads: int
 
 
 class SimulationService:
@@ -140,10 +150,16 @@ class SimulationService:
         """A :class:`ResultStream` that yields finished futures in batches."""
         return ResultStream(self)
 
-    def cluster_size(self) -> tuple[int, int]:
-        """Connected workers and their total threads."""
-        workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
-        return len(workers), sum(int(w.get("nthreads", 1)) for w in workers)
+    def cluster_snapshot(self) -> ClusterSnapshot:
+        """Connected workers, their threads, and how many threads run a task (last heartbeat)."""
+        workers = list(self.client.scheduler_info(n_workers=-1)["workers"].values())
+        threads = busy = 0
+        for worker in workers:
+            nthreads = int(worker.get("nthreads", 1))
+            executing = worker.get("metrics", {}).get("task_counts", {}).get("executing", 0)
+            threads += nthreads
+            busy += min(int(executing), nthreads)
+        return ClusterSnapshot(len(workers), threads, busy)
 
     def restart_stuck_workers(self, futures: Iterable[Future]) -> list[str]:
         """Restart the workers still executing any of ``futures`` (hung tasks hold their slot).
