@@ -332,16 +332,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("distributed").setLevel(logging.WARNING)
     import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     import sqlalchemy.exc
 
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
     from simcal.storage import StorageError
+
+    # after importing distributed, whose own logging setup sets its level to INFO
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     try:
         return args.handler(args)

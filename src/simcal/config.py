@@ -195,7 +195,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "replicates": 8,
     "seed": 42,
     "targets": [{"name": "incidence", "observed": "simcal.models.seir:observed", "loss": "mse"}],
-    "max_trials": 150,
+    "max_trials": 200,
 }
 
 

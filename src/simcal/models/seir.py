@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-POPULATION = 10_000
-INITIAL_INFECTED = 10
+POPULATION = 100_000
+INITIAL_INFECTED = 100
 DAYS = 120
 INCUBATION_RATE = 0.25
 TRUE_PARAMS = {"beta": 0.45, "gamma": 0.15}
