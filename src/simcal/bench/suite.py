@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
 
+import dask
+
 from simcal.bench.checks import check_targets
 from simcal.bench.gather_bench import gather_costs
 from simcal.bench.optimizer_cost import ask_tell_cost
@@ -22,6 +24,15 @@ from simcal.cluster import ClusterOptions, connect
 
 log = logging.getLogger(__name__)
 
+# Dask's idle work per process (a 10 ms stack profiler, a 20 ms event-loop tick, a 100 ms
+# memory monitor) costs 1.1 of this machine's 2 cores at 32 workers; these settings cut
+# that to 0.2 cores (docs/performance.md). Workers inherit them from this process.
+CLUSTER_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -31,7 +42,7 @@ class Settings:
     workers: tuple[int, ...]
     durations: tuple[float, ...]
     replicates: int
-    seconds: float  # asking time of one throughput run (at least 8 trials' worth)
+    seconds: float  # asking time of one throughput run (at least 6 trials' worth of sleep)
     raw_seconds: float
     gather_sizes: tuple[int, ...]
     gather_repeats: int
@@ -40,25 +51,45 @@ class Settings:
 
     def run_seconds(self, workload: Workload) -> float:
         """Long enough for about ten batches even when replicates are slow."""
-        return max(self.seconds, 8 * workload.replicates * workload.duration)
+        return max(self.seconds, 6 * workload.replicates * workload.duration)
 
 
 PRESETS = {
-    "quick": Settings("quick", (2,), (0.05,), 2, 1.5, 1.0, (50,), 2, (10, 30), 3),
+    "quick": Settings(
+        name="quick",
+        workers=(2,),
+        durations=(0.05,),
+        replicates=2,
+        seconds=1.5,
+        raw_seconds=1.0,
+        gather_sizes=(50,),
+        gather_repeats=2,
+        optimizer_sizes=(10, 30),
+        optimizer_asks=3,
+    ),
     "default": Settings(
-        "default", (8,), (0.05, 0.2), 5, 8.0, 6.0, (100, 1000, 5000), 3, (100, 1000, 5000), 20
+        name="default",
+        workers=(8,),
+        durations=(0.05, 0.2),
+        replicates=5,
+        seconds=6.0,
+        raw_seconds=5.0,
+        gather_sizes=(100, 1000),
+        gather_repeats=3,
+        optimizer_sizes=(100, 1000, 5000),
+        optimizer_asks=20,
     ),
     "full": Settings(
-        "full",
-        (8, 16, 32),
-        (0.05, 0.2, 1.0),
-        5,
-        20.0,
-        15.0,
-        (100, 1000, 5000),
-        5,
-        (100, 1000, 5000),
-        50,
+        name="full",
+        workers=(8, 16, 32),
+        durations=(0.05, 0.2, 1.0),
+        replicates=5,
+        seconds=12.0,
+        raw_seconds=10.0,
+        gather_sizes=(100, 1000, 5000),
+        gather_repeats=3,
+        optimizer_sizes=(100, 1000, 5000),
+        optimizer_asks=30,
     ),
 }
 
@@ -76,13 +107,14 @@ def _meta(settings: Settings, storage: str) -> dict[str, Any]:
         }
         | {"python": platform.python_version()},
         "aggregation_seconds": aggregation_seconds(settings.replicates),
+        "dask_config": CLUSTER_CONFIG,
     }
 
 
 def _on_cluster(settings: Settings, workers: int, storage: str, results: dict) -> None:
     started = time.perf_counter()
     options = ClusterOptions(workers=workers, dashboard_address=None, connect_timeout=300)
-    with connect(options) as client:
+    with dask.config.set(CLUSTER_CONFIG), connect(options) as client:
         log.info("cluster of %d workers up in %.1fs", workers, time.perf_counter() - started)
         if workers == settings.workers[0]:
             for n in settings.gather_sizes:
