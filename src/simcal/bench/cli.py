@@ -19,7 +19,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     size = bench.add_mutually_exclusive_group()
     size.add_argument(
-        "--quick", action="store_true", help="smallest setting: 2 workers, seconds (for tests)"
+        "--quick", action="store_true", help="smallest setting: 2 workers, about 30 s (the test)"
     )
     size.add_argument("--full", action="store_true", help="the grid W 8,16,32 x d 0.05,0.2,1.0")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")

@@ -124,7 +124,7 @@ def _grouped_bars(axes: Any, groups: list[str], series: dict[str, list[float]]) 
         positions = [g + (index - (len(series) - 1) / 2) * width for g in range(len(groups))]
         axes.bar(positions, values, width, label=label)
     axes.set_xticks(range(len(groups)), groups)
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
 
 
 def write_chart(results: Results, path: Path) -> None:
@@ -134,7 +134,7 @@ def write_chart(results: Results, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(14, 5))
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(15, 6))
     points = list(dict.fromkeys((r["workers"], r["duration"]) for r in results["throughput"]))
     modes = list(dict.fromkeys(r["mode"] for r in results["throughput"]))
     efficiency = {
@@ -160,7 +160,7 @@ def write_chart(results: Results, path: Path) -> None:
     right.set_ylabel("microseconds per future (median)")
     right.set_title("Gather cost per future by strategy")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     pyplot.close(figure)
 
 
