@@ -12,7 +12,8 @@ from __future__ import annotations
 import copy
 import functools
 import json
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,40 @@ def expand_k8s_vars(arg: str, env: Mapping[str, Any]) -> str:
         if isinstance(value, str):
             out = out.replace(f"$({key})", value)
     return out
+
+
+def local_mounts(
+    name: str,
+    pod: Mapping[str, Any],
+    root: Path,
+    config_maps: Mapping[str, Mapping[str, str]],
+    secrets: Mapping[str, Mapping[str, bytes]] | None = None,
+) -> dict[str, str]:
+    """Each volume mount of the pod's one container as a directory under ``root``, filled
+    from its ConfigMap or Secret as the kubelet would: mount path -> local directory."""
+    (container_spec,) = pod["containers"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    mounts: dict[str, str] = {}
+    for mount in container_spec.get("volumeMounts", []):
+        local = root / name / mount["name"]
+        local.mkdir(parents=True)
+        volume = volumes[mount["name"]]
+        if "secret" in volume:
+            data = (secrets or {})[volume["secret"]["secretName"]]
+            for item in volume["secret"]["items"]:
+                (local / item["path"]).write_bytes(data[item["key"]])
+        elif "configMap" in volume:
+            for file, text in config_maps[volume["configMap"]["name"]].items():
+                (local / file).write_text(text, encoding="utf-8")
+        mounts[mount["mountPath"]] = str(local)
+    return mounts
+
+
+def mount_rewriter(mounts: Mapping[str, str]) -> Callable[[str], str]:
+    """Replaces in-pod mount paths in a text by their local directories (longest first, so
+    /etc/simcal/tls is not read as /etc/simcal)."""
+    if not mounts:
+        return lambda text: text
+    longest_first = sorted(mounts, key=len, reverse=True)
+    paths = re.compile(rf"(?<![\w.-])({'|'.join(map(re.escape, longest_first))})(?=/|$)")
+    return lambda text: paths.sub(lambda m: mounts[m.group(1)], text)

@@ -34,7 +34,7 @@ from dask_kubernetes.operator.controller import (
 )
 
 from calibration_run import assert_calibrated, driver_summary
-from chart import expand_k8s_vars, find, render
+from chart import expand_k8s_vars, find, local_mounts, mount_rewriter, render
 from processes import free_port, start, stopping, wait_until
 
 RELEASE, NAMESPACE, STUDY, TRIALS = "smoke", "ci", "smoke-test", 12
@@ -92,25 +92,16 @@ def localize(
 ) -> LocalContainer:
     """The pod's one container, with its mounts, ports and scheduler address on this host."""
     (container,) = pod["containers"]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    mounts: dict[str, str] = {}
-    for mount in container.get("volumeMounts", []):
-        local = root / name / mount["name"]
-        local.mkdir(parents=True)
-        config_map = volumes[mount["name"]].get("configMap")
-        for file, text in (config_maps[config_map["name"]] if config_map else {}).items():
-            (local / file).write_text(text, encoding="utf-8")
-        mounts[mount["mountPath"]] = str(local)
+    mounts = local_mounts(name, pod, root, config_maps)
     ports = {
         p["name"]: scheduler_port if p["name"] == "tcp-comm" else free_port()
         for p in container.get("ports", [])
     }
     by_number = {p["containerPort"]: ports[p["name"]] for p in container.get("ports", [])}
-    paths = re.compile(rf"(?<![\w.-])({'|'.join(map(re.escape, mounts))})(?=/|$)")
+    local_paths = mount_rewriter(mounts)
 
     def local_text(text: str) -> str:
-        text = IN_CLUSTER_SCHEDULER.sub(f"tcp://127.0.0.1:{scheduler_port}", text)
-        return paths.sub(lambda m: mounts[m.group(1)], text) if mounts else text
+        return local_paths(IN_CLUSTER_SCHEDULER.sub(f"tcp://127.0.0.1:{scheduler_port}", text))
 
     assert all("value" in e for e in container.get("env", [])), "only literal env values here"
     env = {e["name"]: local_text(e["value"]) for e in container.get("env", [])}

@@ -36,7 +36,7 @@ from distributed import Client
 from distributed.comm import connect
 from distributed.security import Security
 
-from chart import expand_k8s_vars, find, render
+from chart import expand_k8s_vars, find, local_mounts, mount_rewriter, render
 from conftest import write_config
 from processes import DASK, HOST, Proc, simcal_run, start, stopping, wait_until
 
@@ -351,28 +351,12 @@ def _local_container(
     """A rendered pod's container as argv and env here: mounts are temp dirs filled from the
     Secret/ConfigMap, in-cluster addresses and container ports are 127.0.0.1 ones."""
     (container,) = pod["containers"]
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    mounts: dict[str, str] = {}
-    for mount in container.get("volumeMounts", []):
-        local = root / name / mount["name"]
-        local.mkdir(parents=True)
-        volume = volumes[mount["name"]]
-        if "secret" in volume:
-            data = secrets[volume["secret"]["secretName"]]
-            for item in volume["secret"]["items"]:
-                (local / item["path"]).write_bytes(data[item["key"]])
-        elif "configMap" in volume:
-            for file, text in config_maps[volume["configMap"]["name"]].items():
-                (local / file).write_text(text, "utf-8")
-        mounts[mount["mountPath"]] = str(local)
-
-    longest_first = sorted(mounts, key=len, reverse=True)  # /etc/simcal/tls in /etc/simcal
-    paths = re.compile(rf"(?<![\w.-])({'|'.join(map(re.escape, longest_first))})(?=/|$)")
+    local_paths = mount_rewriter(local_mounts(name, pod, root, config_maps, secrets))
 
     def here(text: str) -> str:
         for remote, local in addresses.items():
             text = text.replace(remote, local)
-        return paths.sub(lambda m: mounts[m.group(1)], text) if mounts else text
+        return local_paths(text)
 
     env = {e["name"]: here(e["value"]) for e in container.get("env", []) if "value" in e}
     args = [here(expand_k8s_vars(arg, env)) for arg in container["args"]]
