@@ -35,7 +35,7 @@ from simcal.storage import (
     tell,
     with_retries,
 )
-from simcal.targets import load_observed, loss_function
+from simcal.targets import make_objective
 from simcal.tasks import TargetLoss
 
 log = logging.getLogger(__name__)
@@ -114,8 +114,11 @@ class Calibration:
             for name, spec in config.parameters.items()
         }
         self._targets = [
-            (target, load_observed(target), loss_function(target.loss)) for target in config.targets
+            (target, objective.observed.values, objective)
+            for target, objective in ((t, make_objective(t)) for t in config.targets)
         ]
+        self._weights = {target.name: target.weight for target in config.targets}
+        self._loss_params = {name for t in config.targets for name in t.loss_parameters}
         self._inflight: dict[int, TrialRun] = {}
         self._by_key: dict[str, TrialRun] = {}
         self._stats = RunStats()
@@ -264,7 +267,7 @@ class Calibration:
         trial_id = str(trial.number)
         replicates = self.service.submit_replicates(
             self.config.model,
-            trial.params,
+            {k: v for k, v in trial.params.items() if k not in self._loss_params},
             self.config.replicates,
             self.config.seed,
             trial_id=trial_id,
@@ -272,7 +275,11 @@ class Calibration:
         )
         aggregations = [
             self.service.submit_aggregation(
-                replicates, target, trial_id=trial_id, observed=observed, loss=loss
+                replicates,
+                target,
+                trial_id=trial_id,
+                observed=observed,
+                loss=loss.bind(trial.params),
             )
             for target, observed, loss in self._targets
         ]
@@ -316,7 +323,7 @@ class Calibration:
     def _complete(self, run: TrialRun) -> None:
         seconds = self._release(run)
         losses = [run.losses[name] for name in run.aggregations.values()]
-        total = sum(item.loss for item in losses)
+        total = sum(self._weights[item.target] * item.loss for item in losses)
         task_seconds = losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses)
         attrs = {f"loss_{item.target}": item.loss for item in losses}
         attrs["duration_seconds"] = round(seconds, 4)
