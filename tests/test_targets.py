@@ -207,3 +207,17 @@ def test_nan_and_negative_simulated_counts_fail_the_trial_with_a_reason(tmp_path
     binomial = objective(tmp_path, "cases,n\n3,10\n", loss="binomial_nll")
     with pytest.raises(ModelOutputError, match=r"probability in \[0, 1\], got 1.5"):
         binomial.evaluate([replicate(cases=[1.5])])
+
+
+def weekly() -> dict:
+    """Observed data from a callable: values with times and trials."""
+    return {"cases": [3, 5], "t": [0, 7], "n": [10, 10]}
+
+
+def test_a_callable_may_return_times_and_trials() -> None:
+    target = {"name": "cases", "observed": "test_targets:weekly", "loss": "binomial_nll"}
+    goal = make_objective(validate_config({**BASE, "targets": [target]}).targets[0])
+    assert goal.observed.times.tolist() == [0, 7] and goal.observed.n.tolist() == [10, 10]
+    output = replicate(t=np.arange(10), cases=np.full(10, 0.4))
+    expected = -stats.binom.logpmf([3, 5], 10, 0.4).sum()
+    assert goal.evaluate([output]) == pytest.approx(expected)

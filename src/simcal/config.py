@@ -141,7 +141,7 @@ class PruningSpec(_Strict):
     """Replicate-aware pruning: judge a trial on its first replicates before running the rest."""
 
     min_replicates: int = Field(ge=1)
-    pruner: Literal["median", "successive_halving"] = "median"
+    pruner: Literal["successive_halving", "median"] = "successive_halving"
     startup_trials: int = Field(default=10, ge=0, le=100_000)
 
 

@@ -17,9 +17,9 @@ PARTIAL_STAGE = "partial"
 def make_pruner(spec: PruningSpec) -> optuna.pruners.BasePruner:
     """The Optuna pruner of a ``pruning:`` config block.
 
-    ``median``: prune when the partial loss is worse than the median partial loss of
-    earlier trials (after ``startup_trials``). ``successive_halving``: keep the best third
-    of the trials at the first rung (``min_resource = min_replicates``).
+    ``successive_halving`` (default): keep the best third of the trials at the first rung
+    (``min_resource = min_replicates``). ``median``: prune when the partial loss is worse
+    than the median partial loss of earlier trials (after ``startup_trials``).
     """
     if spec.pruner == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
