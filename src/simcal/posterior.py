@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from simcal.config import LIKELIHOODS, CalibrationConfig, ParameterSpec
 
@@ -70,6 +69,8 @@ def proposal_log_density(unit: np.ndarray) -> np.ndarray:
     The floor (a defensive mixture: 1 % of the uniform) keeps one isolated proposal from
     an infinite weight where the KDE is thin.
     """
+    from scipy import stats  # not at import: every simcal command imports this module
+
     n, d = unit.shape
     if n <= d + 1:
         raise PosteriorError(f"{n} proposals are too few for {d} parameters")
