@@ -227,6 +227,8 @@ def cmd_posterior(args: argparse.Namespace) -> int:
         print(f"simcal: error: study {config.study!r}: {exc}", file=sys.stderr)
         return 1
     result = {"study": config.study, **result}
+    if method == "importance" and any(t.loss not in LIKELIHOODS for t in config.targets):
+        result["warnings"].append("a target's loss is not a likelihood: read exp(-loss) with care")
     if method == "importance" and any(t.weight != 1 for t in config.targets):
         result["warnings"].append("target weights != 1 temper the likelihood (docs/posterior.md)")
     for warning in result["warnings"]:
