@@ -101,7 +101,9 @@ def panels() -> list[dict[str, Any]]:
     items = [
         timeseries(
             "Trials per minute",
-            "Completed trials per minute per study (5m rate), against the regression threshold "
+            "Finished (completed or pruned) trials per minute per study (5m rate), and of them "
+            "the pruned ones (replicate-aware pruning: throughput, not errors), against the "
+            "regression threshold "
             "(dashed): 70% of the study's mean rate over [now-3h15m, now-15m]. "
             "SimcalThroughputRegression fires when the rate stays below it for 10m with "
             "trials in flight; the threshold appears once a study has an hour of history.",
@@ -111,6 +113,12 @@ def panels() -> list[dict[str, Any]]:
                     "B",
                     f"0.7 * simcal:trials_per_minute:baseline3h{{{STUDY}}}",
                     "{{study}} regression threshold (70% of baseline)",
+                ),
+                target(
+                    "C",
+                    f'sum by (study) (rate(simcal_trials_total{{status="pruned",{STUDY}}}'
+                    f"[{rate}])) * 60",
+                    "{{study}} of which pruned",
                 ),
             ],
             (0, 0, 12, 8),

@@ -92,7 +92,7 @@ def test_required_recording_rules():
     records = {rule["record"]: rule["expr"] for rule in load_rules() if "record" in rule}
     assert set(records) >= REQUIRED_RECORDS
     rate = " ".join(records["simcal:trials_per_minute:rate5m"].split())
-    assert 'rate(simcal_trials_total{status="completed"}[5m])' in rate
+    assert 'rate(simcal_trials_total{status=~"completed|pruned"}[5m])' in rate
     assert rate.startswith("sum by (study)") and rate.endswith("* 60")
     ratio = records["simcal:trial_error_ratio:rate10m"]
     assert 'status="failed"' in ratio and "[10m]" in ratio
@@ -160,6 +160,20 @@ MUTATIONS = [
         "throughput_regression.yaml",
         "a study finishing (in-flight drops to 0) does not fire",
         id="regression-inflight-guard",
+    ),
+    pytest.param(
+        'simcal_trials_total{status=~"completed|pruned"}[5m]',
+        'simcal_trials_total{status="completed"}[5m]',
+        "throughput_regression.yaml",
+        "pruned trials are not lost throughput",
+        id="regression-counts-pruned",
+    ),
+    pytest.param(
+        'rate(simcal_trials_total{status="failed"}[10m])',
+        'rate(simcal_trials_total{status!="completed"}[10m])',
+        "errors_progress.yaml",
+        "pruned trials are not errors",
+        id="error-ratio-ignores-pruned",
     ),
     pytest.param(
         "(simcal:trials_told:increase10m >= 20)",

@@ -382,7 +382,7 @@ def test_observed_data_that_cannot_be_loaded_exits_2_naming_the_target(workdir: 
     for argv in (["check-config"], ["run", "--metrics-port", "0", "--config"]):
         status, _, err = _main([*argv, str(_write(workdir, document))])
         assert status == 2, err
-        assert "targets.0.observed: ValueError:" in err and "not numeric" in err, err
+        assert "targets.0.observed: ObservedDataError:" in err and "line 2" in err, err
 
 
 # -- models that return what simcal cannot use ---------------------------------------------------

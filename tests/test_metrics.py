@@ -45,6 +45,7 @@ def test_served_metrics_match_the_design() -> None:
     try:
         metrics.trial_completed(loss=2.5, seconds=1.2)
         metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.5)
+        metrics.trial_pruned(seconds=0.3)
         families = scrape(port)
     finally:
         metrics.close()
@@ -59,7 +60,7 @@ def test_served_metrics_match_the_design() -> None:
         for s in families["simcal_trials"].samples
         if s.name == "simcal_trials_total"
     }
-    assert counts == {"completed": 1.0, "failed": 1.0}
+    assert counts == {"completed": 1.0, "failed": 1.0, "pruned": 1.0}
     reasons = {
         s.labels["reason"]: s.value
         for s in families["simcal_trial_errors"].samples

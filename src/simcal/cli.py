@@ -16,6 +16,7 @@ from typing import Any
 from simcal import __version__
 from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.posterior import add_posterior_parser
 from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(commands)
     add_bench_parser(commands)
     add_submit_parser(commands)
+    add_posterior_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from simcal.imports import UnresolvableReferenceError, resolve_callable
 
-BUILTIN_LOSSES = ("mse", "poisson_nll")
+BUILTIN_LOSSES = (
+    "mse",
+    "poisson_nll",
+    "binomial_nll",
+    "beta_binomial_nll",
+    "negative_binomial_nll",
+    "normal_nll",
+)
+LIKELIHOODS = BUILTIN_LOSSES[1:]  # negative log-likelihoods: summable, marginalisable
+COUNT_LIKELIHOODS = BUILTIN_LOSSES[1:5]  # need non-negative integer observed counts
+NEEDS_DISPERSION = ("beta_binomial_nll", "negative_binomial_nll")
 
 
 class ConfigError(ValueError):
@@ -49,6 +60,12 @@ class ParameterSpec(_Strict):
         return self
 
 
+class ParameterRef(_Strict):
+    """A loss parameter calibrated as a search parameter (``{parameter: k}``)."""
+
+    parameter: str = Field(min_length=1)
+
+
 class TargetSpec(_Strict):
     """Observed data for one model output and the loss comparing them."""
 
@@ -56,6 +73,43 @@ class TargetSpec(_Strict):
     observed: str = Field(min_length=1)
     loss: str = "mse"
     output: str | None = None
+    weight: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    align: Literal["exact", "nearest", "asof"] = "exact"
+    combine: Literal["mean", "per_replicate", "marginal"] = "mean"
+    dispersion: float | ParameterRef | None = None
+    sd: float | ParameterRef | None = None
+    start_date: str | None = None
+
+    @model_validator(mode="after")
+    def _loss_options_fit(self) -> TargetSpec:
+        for name in ("dispersion", "sd"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        if self.loss in NEEDS_DISPERSION and self.dispersion is None:
+            raise ValueError(
+                f"{self.loss} needs a dispersion: a number, or {{parameter: NAME}} to calibrate it"
+            )
+        if self.loss == "normal_nll" and self.sd is None:
+            raise ValueError("normal_nll needs sd: a number, or {parameter: NAME} to calibrate it")
+        if self.combine == "marginal" and self.loss not in LIKELIHOODS:
+            raise ValueError(
+                f"combine: marginal needs a likelihood loss {LIKELIHOODS}, not {self.loss!r}"
+            )
+        if self.start_date is not None:
+            try:
+                date.fromisoformat(self.start_date)
+            except ValueError:
+                raise ValueError(
+                    f"start_date {self.start_date!r} is not an ISO date (YYYY-MM-DD)"
+                ) from None
+        return self
+
+    @property
+    def loss_parameters(self) -> list[str]:
+        """Search parameters this target's loss uses (not passed to the model)."""
+        refs = (self.dispersion, self.sd)
+        return [ref.parameter for ref in refs if isinstance(ref, ParameterRef)]
 
     @field_validator("observed")
     @classmethod
@@ -83,6 +137,14 @@ class TargetSpec(_Strict):
         return self.output or self.name
 
 
+class PruningSpec(_Strict):
+    """Replicate-aware pruning: judge a trial on its first replicates before running the rest."""
+
+    min_replicates: int = Field(ge=1)
+    pruner: Literal["successive_halving", "median"] = "successive_halving"
+    startup_trials: int = Field(default=10, ge=0, le=100_000)
+
+
 class CalibrationConfig(_Strict):
     """Everything one calibration job needs, validated."""
 
@@ -103,6 +165,7 @@ class CalibrationConfig(_Strict):
     storage: str = Field(default="sqlite:///simcal.db", min_length=1)
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
+    pruning: PruningSpec | None = None
 
     @field_validator("model")
     @classmethod
@@ -122,6 +185,25 @@ class CalibrationConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"targets: duplicate names {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _science_fits(self) -> CalibrationConfig:
+        for index, target in enumerate(self.targets):
+            for name in target.loss_parameters:
+                if name not in self.parameters:
+                    raise ValueError(
+                        f"targets.{index}: parameter {name!r} is not among the search "
+                        f"parameters {sorted(self.parameters)}"
+                    )
+        if self.pruning is not None:
+            if self.pruning.min_replicates >= self.replicates:
+                raise ValueError(
+                    f"pruning.min_replicates ({self.pruning.min_replicates}) must be less than "
+                    f"replicates ({self.replicates})"
+                )
+            if self.mode != "streaming":
+                raise ValueError("pruning needs mode: streaming")
         return self
 
 

@@ -25,6 +25,7 @@ from simcal.config import CalibrationConfig
 from simcal.failures import FailureReason, classify, describe
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
+from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.service import SimulationService
 from simcal.storage import (
     FAIL_REASON,
@@ -35,7 +36,7 @@ from simcal.storage import (
     tell,
     with_retries,
 )
-from simcal.targets import load_observed, loss_function
+from simcal.targets import make_objective
 from simcal.tasks import TargetLoss
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class TrialRun:
     aggregations: dict[str, str]  # future key -> target name
     futures: list[Future]
     losses: dict[str, TargetLoss] = field(default_factory=dict)
+    partial: bool = False  # only its first ``pruning.min_replicates`` replicates are submitted
 
     @property
     def aggregation_futures(self) -> list[Future]:
@@ -72,6 +74,7 @@ class RunStats:
 
     completed: int = 0
     failed: int = 0
+    pruned: int = 0
     interrupted: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     stop_reason: str = "max_trials"
@@ -114,8 +117,14 @@ class Calibration:
             for name, spec in config.parameters.items()
         }
         self._targets = [
-            (target, load_observed(target), loss_function(target.loss)) for target in config.targets
+            (target, objective.observed.values, objective)
+            for target, objective in ((t, make_objective(t)) for t in config.targets)
         ]
+        self._weights = {target.name: target.weight for target in config.targets}
+        self._loss_params = {name for t in config.targets for name in t.loss_parameters}
+        if config.pruning is not None:
+            study.pruner = make_pruner(config.pruning)
+        self._stream = None
         self._inflight: dict[int, TrialRun] = {}
         self._by_key: dict[str, TrialRun] = {}
         self._stats = RunStats()
@@ -173,7 +182,7 @@ class Calibration:
     # -- loops --------------------------------------------------------------------------------
 
     def _run_streaming(self, started: float) -> None:
-        stream = self.service.stream()
+        stream = self._stream = self.service.stream()
         while True:
             self._refresh_cluster()
             if self._may_ask(started):
@@ -261,34 +270,84 @@ class Calibration:
                 mark_interrupted(self.study, frozen.number, frozen._trial_id)
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
-        trial_id = str(trial.number)
-        replicates = self.service.submit_replicates(
-            self.config.model,
-            trial.params,
-            self.config.replicates,
-            self.config.seed,
-            trial_id=trial_id,
-            model_options=self.config.model_options,
-        )
-        aggregations = [
-            self.service.submit_aggregation(
-                replicates, target, trial_id=trial_id, observed=observed, loss=loss
-            )
-            for target, observed, loss in self._targets
-        ]
+        pruning = self.config.pruning
+        count = pruning.min_replicates if pruning else self.config.replicates
+        stage = PARTIAL_STAGE if pruning else ""
+        replicates, keys, aggregations = self._submit_tasks(trial, [], count, stage)
         run = TrialRun(
             trial=trial,
             started=self._clock(),
             replicates=replicates,
-            aggregations={
-                f.key: t.name for f, (t, _, _) in zip(aggregations, self._targets, strict=True)
-            },
+            aggregations=keys,
             futures=replicates + aggregations,
+            partial=pruning is not None,
         )
         self._inflight[trial.number] = run
         for key in run.aggregations:
             self._by_key[key] = run
         return run
+
+    def _submit_tasks(
+        self, trial: optuna.Trial, earlier: list[Future], count: int, stage: str
+    ) -> tuple[list[Future], dict[str, str], list[Future]]:
+        """Submit ``count`` more replicates after ``earlier`` and every target's aggregation."""
+        trial_id = str(trial.number)
+        replicates = earlier + self.service.submit_replicates(
+            self.config.model,
+            {k: v for k, v in trial.params.items() if k not in self._loss_params},
+            count,
+            self.config.seed,
+            trial_id=trial_id,
+            model_options=self.config.model_options,
+            first=len(earlier),
+        )
+        aggregations = [
+            self.service.submit_aggregation(
+                replicates,
+                target,
+                trial_id=trial_id,
+                observed=observed,
+                loss=loss.bind(trial.params),
+                stage=stage,
+            )
+            for target, observed, loss in self._targets
+        ]
+        keys = {f.key: t.name for f, (t, _, _) in zip(aggregations, self._targets, strict=True)}
+        return replicates, keys, aggregations
+
+    # -- pruning ------------------------------------------------------------------------------
+
+    def _judge(self, run: TrialRun) -> None:
+        """A partial trial's first replicates are in: prune it, or submit the rest."""
+        losses = [run.losses[name] for name in run.aggregations.values()]
+        partial = sum(self._weights[item.target] * item.loss for item in losses)
+        step = len(run.replicates)
+        with_retries(lambda: run.trial.report(partial, step), what="report")
+        if not with_retries(run.trial.should_prune, what="prune"):
+            for key in run.aggregations:
+                self._by_key.pop(key, None)
+            remaining = self.config.replicates - step
+            replicates, keys, aggregations = self._submit_tasks(
+                run.trial, run.replicates, remaining, ""
+            )
+            run.replicates, run.aggregations, run.losses, run.partial = replicates, keys, {}, False
+            run.futures = replicates + aggregations
+            for key in keys:
+                self._by_key[key] = run
+            self._stream.add(aggregations)
+            return
+        seconds = self._release(run)
+        attrs: dict[str, object] = {f"partial_loss_{item.target}": item.loss for item in losses}
+        attrs["pruned_at_replicates"] = step
+        attrs["duration_seconds"] = round(seconds, 4)
+        attrs["task_seconds"] = round(
+            losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses), 4
+        )
+        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell pruned trial")
+        tell(self.study, run.trial, state=TrialState.PRUNED, what="tell pruned trial")
+        self._counted += 1
+        self._stats.pruned += 1
+        self.metrics.trial_pruned(seconds)
 
     # -- telling ------------------------------------------------------------------------------
 
@@ -304,7 +363,10 @@ class Calibration:
         assert isinstance(outcome, TargetLoss), f"unexpected aggregation result {outcome!r}"
         run.losses[outcome.target] = outcome
         if len(run.losses) == len(run.aggregations):
-            self._complete(run)
+            if run.partial:
+                self._judge(run)
+            else:
+                self._complete(run)
 
     def _release(self, run: TrialRun) -> float:
         self._inflight.pop(run.trial.number, None)
@@ -316,7 +378,7 @@ class Calibration:
     def _complete(self, run: TrialRun) -> None:
         seconds = self._release(run)
         losses = [run.losses[name] for name in run.aggregations.values()]
-        total = sum(item.loss for item in losses)
+        total = sum(self._weights[item.target] * item.loss for item in losses)
         task_seconds = losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses)
         attrs = {f"loss_{item.target}": item.loss for item in losses}
         attrs["duration_seconds"] = round(seconds, 4)

@@ -78,7 +78,7 @@ class Metrics:
         )
         self.trials_per_minute = Gauge(
             "simcal_trials_per_minute",
-            "Completed trials per minute over a trailing window.",
+            "Completed (or pruned) trials per minute over a trailing window.",
             labels,
             registry=self.registry,
         )
@@ -127,7 +127,7 @@ class Metrics:
             distributed=version("distributed"),
             optuna=version("optuna"),
         ).set(1)
-        for status in ("completed", "failed"):
+        for status in ("completed", "failed", "pruned"):
             self.trials.labels(study, status)
         for reason in FailureReason:
             self.errors.labels(study, reason.value)
@@ -139,6 +139,12 @@ class Metrics:
         self._completed_window.add()
         if loss < self._best:
             self.set_best_loss(loss)
+
+    def trial_pruned(self, seconds: float) -> None:
+        """A trial stopped after its first replicates: finished work, not an error."""
+        self.trials.labels(self.study, "pruned").inc()
+        self.duration.labels(self.study).observe(seconds)
+        self._completed_window.add()
 
     def trial_failed(self, reason: FailureReason, seconds: float) -> None:
         self.trials.labels(self.study, "failed").inc()

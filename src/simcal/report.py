@@ -53,13 +53,15 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         for t in trials
         if t.state == TrialState.FAIL and t.user_attrs.get(FAIL_REASON) != INTERRUPTED
     ]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
     best = min(completed, key=lambda t: t.value) if completed else None
     minutes = stats.elapsed / 60 if stats.elapsed > 0 else math.nan
     return {
         "study": study.study_name,
-        "n_trials": len(completed) + len(failed),
+        "n_trials": len(completed) + len(failed) + len(pruned),
         "n_completed": len(completed),
         "n_failed": len(failed),
+        "n_pruned": len(pruned),
         "n_interrupted": sum(1 for t in trials if t.user_attrs.get(FAIL_REASON) == INTERRUPTED),
         "best_params": best.params if best else None,
         "best_loss": best.value if best else None,
@@ -68,6 +70,7 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "this_run": {
             "completed": stats.completed,
             "failed": stats.failed,
+            "pruned": stats.pruned,
             "interrupted": stats.interrupted,
             "errors": stats.errors,
             "elapsed_seconds": round(stats.elapsed, 3),

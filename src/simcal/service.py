@@ -62,6 +62,7 @@ class SimulationService:
         *,
         trial_id: str,
         model_options: Mapping[str, Any] | None = None,
+        first: int = 0,
     ) -> list[Future]:
         """Submit one task per replicate, keyed ``sim-<run_id>-<trial_id>-<i>``.
 
@@ -70,7 +71,7 @@ class SimulationService:
         if n_replicates < 1:
             raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
         function = resolve_callable(model) if isinstance(model, str) else model
-        indices = range(n_replicates)
+        indices = range(first, first + n_replicates)  # ``first``: the rest of a judged trial
         return self.client.map(
             run_replicate,
             [function] * n_replicates,
@@ -89,6 +90,7 @@ class SimulationService:
         trial_id: str,
         observed: np.ndarray | None = None,
         loss: Callable[[np.ndarray, np.ndarray], float] | None = None,
+        stage: str = "",
     ) -> Future:
         """Submit the loss of one target; the replicates are passed as task dependencies.
 
@@ -104,7 +106,7 @@ class SimulationService:
             observed,
             loss,
             *replicate_futures,
-            key=f"agg-{self.run_id}-{trial_id}-{target.name}",
+            key=f"agg-{self.run_id}-{trial_id}-{target.name}" + (f"-{stage}" if stage else ""),
             pure=False,
         )
 

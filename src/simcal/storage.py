@@ -235,6 +235,7 @@ def mark_interrupted(study: optuna.Study, number: int, trial_id: int) -> None:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``max_trials``: completed, or failed for a reason of their own."""
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+    """Trials counted towards ``max_trials``: completed, pruned, or failed for their own reason."""
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    trials = study.get_trials(deepcopy=False, states=states)
     return sum(1 for t in trials if t.user_attrs.get(FAIL_REASON) != INTERRUPTED)

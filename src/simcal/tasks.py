@@ -94,15 +94,18 @@ def aggregate(
 ) -> TargetLoss:
     """Stack the replicates' outputs for one target and compute its loss."""
     start = time.perf_counter()
+    evaluate = getattr(loss, "evaluate", None)  # simcal.targets.Objective: aligns and combines
     arrays = [_select(replicate, output_key) for replicate in replicates]
-    for array in arrays:
+    for array in arrays if evaluate is None else ():
         if array.shape != observed.shape:
             raise ModelOutputError(
                 f"target {target!r}: model output has shape {array.shape}, "
                 f"observed data has shape {observed.shape}"
             )
     try:
-        value = float(loss(np.stack(arrays), observed))
+        value = float(evaluate(replicates) if evaluate else loss(np.stack(arrays), observed))
+    except (ModelOutputError, NonFiniteLossError):
+        raise
     except Exception as exc:
         raise AggregationError(
             f"loss for target {target!r} failed: {type(exc).__name__}: {exc}"

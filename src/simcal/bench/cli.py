@@ -29,6 +29,18 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         default="memory",
         help="Optuna storage of the throughput runs (a temporary SQLite file, or in memory)",
     )
+    bench.add_argument(
+        "--posterior",
+        type=int,
+        metavar="SEEDS",
+        help="only the posterior coverage check over SEEDS synthetic data sets (docs/posterior.md)",
+    )
+    bench.add_argument(
+        "--pruning",
+        type=int,
+        metavar="SEEDS",
+        help="only pruning vs no pruning, SEIR and synthetic, SEEDS seeds each",
+    )
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -39,6 +51,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.posterior or args.pruning:
+        from simcal.bench.science import run_science
+
+        return run_science(args.out, args.posterior, args.pruning)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     log.info("simcal bench, %s settings; results in %s", settings.name, args.out)
     results = run_suite(settings, storage=args.storage)
