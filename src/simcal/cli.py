@@ -16,6 +16,7 @@ from typing import Any
 from simcal import __version__
 from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.reporting.cli import add_report_parser
 from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
@@ -132,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(commands)
     add_bench_parser(commands)
     add_submit_parser(commands)
+    add_report_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)
     results.add_argument("--format", choices=("csv", "json"), default="csv")
+    results.add_argument(
+        "--sort", choices=("number", "loss"), default="number", help="row order (loss: best first)"
+    )
     results.set_defaults(handler=cmd_results)
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
@@ -294,19 +299,12 @@ def _on_signals(stop: Any) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """``simcal results``: every stored trial as CSV or JSON."""
-    import optuna
-
-    from simcal.report import format_rows, trial_row
-    from simcal.storage import StorageError, redact
+    from simcal.report import format_rows, trial_rows
+    from simcal.reporting.studies import load_existing_study
 
     config = _resolve_config(args)
-    try:
-        study = optuna.load_study(study_name=config.study, storage=config.storage)
-    except KeyError:
-        raise StorageError(f"no study {config.study!r} in {redact(config.storage)}") from None
-    except Exception as exc:
-        raise StorageError(f"cannot read {redact(config.storage)}: {type(exc).__name__}") from None
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    study = load_existing_study(config.storage, config.study)  # never creates a storage
+    rows = trial_rows(study.get_trials(deepcopy=False), config, sort=args.sort)
     sys.stdout.write(format_rows(rows, args.format))
     return EXIT_OK
 

@@ -61,7 +61,6 @@ class Metrics:
         self._completed_window = TrailingWindow(window_seconds, clock)
         self._occupancy = TrailingWindow(window_seconds, clock)
         self._occupancy_samples = TrailingWindow(window_seconds, clock)
-        self._best = float("inf")
         self._server: tuple[WSGIServer, Thread] | None = None
         labels = ["study"]
         self.trials = Counter(
@@ -132,13 +131,14 @@ class Metrics:
         for reason in FailureReason:
             self.errors.labels(study, reason.value)
         self.best_loss.labels(study).set(float("nan"))
+        # trailing-window gauges: computed when scraped, from the windows the driver feeds
+        self.trials_per_minute.labels(study).set_function(self._trials_per_minute)
+        self.utilization.labels(study).set_function(self._utilization)
 
     def trial_completed(self, loss: float, seconds: float) -> None:
         self.trials.labels(self.study, "completed").inc()
         self.duration.labels(self.study).observe(seconds)
         self._completed_window.add()
-        if loss < self._best:
-            self.set_best_loss(loss)
 
     def trial_failed(self, reason: FailureReason, seconds: float) -> None:
         self.trials.labels(self.study, "failed").inc()
@@ -146,7 +146,7 @@ class Metrics:
         self.duration.labels(self.study).observe(seconds)
 
     def set_best_loss(self, loss: float) -> None:
-        self._best = loss
+        """The best loss so far (the driver tracks it and says when it improves)."""
         self.best_loss.labels(self.study).set(loss)
 
     def set_inflight(self, trials: int) -> None:
@@ -162,13 +162,12 @@ class Metrics:
     def set_min_workers(self, workers: int) -> None:
         self.min_workers.labels(self.study).set(workers)
 
-    def refresh(self) -> None:
-        """Recompute the trailing-window gauges."""
-        span = self._completed_window.span()
-        self.trials_per_minute.labels(self.study).set(self._completed_window.total() * 60 / span)
+    def _trials_per_minute(self) -> float:
+        return self._completed_window.total() * 60 / self._completed_window.span()
+
+    def _utilization(self) -> float:
         samples = self._occupancy_samples.total()
-        if samples:
-            self.utilization.labels(self.study).set(self._occupancy.total() / samples)
+        return self._occupancy.total() / samples if samples else 0.0
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (for summaries and tests); 0 if absent."""
