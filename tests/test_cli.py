@@ -111,8 +111,9 @@ def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path)
 def test_results_for_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = run_simcal("results", "--config", str(config), "--study", "nope")
-    assert result.returncode == 1
-    assert "no study 'nope'" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2  # bad input; the storage file does not exist either
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "simcal.db").exists()
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:

@@ -91,7 +91,7 @@ def build_figures(
     result.append(
         _draw("parameters.png", "Parameters",
               "Each parameter against the loss within its search bounds, and each pair of "
-              "parameters coloured by loss (darker is better).",
+              "parameters coloured by loss (yellow: lower loss, better).",
               lambda: figures.parameters_figure(config, trials))
     )
     result.append(
@@ -282,6 +282,7 @@ def _write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+        os.chmod(temporary, 0o644)  # mkstemp makes it 0600; the report is for reading
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
