@@ -109,6 +109,12 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
         help="keep /metrics up this many seconds after the run",
     )
     run.add_argument(
+        "--report-interval",
+        type=_seconds,
+        default=30.0,
+        help="regenerate the live /report at most every this many seconds (0 disables it)",
+    )
+    run.add_argument(
         "--dashboard-address",
         type=_host_port,
         default="127.0.0.1:8787",
@@ -242,15 +248,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_scheduler(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
     metrics = Metrics(config.study)
+    http = None
     if args.metrics_port:
+        from simcal.reporting.live import DriverHTTP
+
         try:
-            port = metrics.serve(args.metrics_port, args.metrics_host)
+            http = DriverHTTP(
+                metrics, config, args.metrics_port, args.metrics_host, args.report_interval
+            )
+            port = http.port
         except OSError as exc:
             raise ConfigError(
                 f"--metrics-host {args.metrics_host} --metrics-port {args.metrics_port}: "
                 f"cannot listen ({exc.strerror or exc}); pick another port or 0 to disable"
             ) from None
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        log.info("metrics and live report on http://%s:%d/", args.metrics_host, port)
     options = ClusterOptions(
         scheduler=scheduler,
         workers=args.workers,
@@ -281,10 +293,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.summary:
             args.summary.write_text(text + "\n", encoding="utf-8")
         if args.metrics_linger and args.metrics_port:
-            log.info("keeping /metrics up for %.0fs", args.metrics_linger)
+            log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
     finally:
         metrics.close()
+        if http is not None:
+            http.close()
     return EXIT_OK
 
 
