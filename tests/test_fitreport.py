@@ -218,3 +218,57 @@ def test_results_mark_the_best_and_sort_by_loss(studies: dict) -> None:
     assert losses == sorted(losses)
     states = [row["state"] for row in rows]
     assert states == sorted(states, key=lambda s: s != "COMPLETE")  # failures last
+
+
+# -- as a person would look: the page in headless Chromium ------------------------------------
+
+IMAGES = """Array.from(document.images).map(img => ({
+    alt: img.alt, complete: img.complete, width: img.naturalWidth, height: img.naturalHeight}))"""
+
+# The fit figure as the browser decoded it: the variance of its grey levels (0 if blank).
+FIT_VARIANCE = """(() => {
+    const img = Array.from(document.images).find(i => i.alt.startsWith('Fit:'));
+    if (!img) return null;
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    let sum = 0, squares = 0, n = 0;
+    for (let i = 0; i < data.length; i += 4) {
+        const grey = (data[i] + data[i + 1] + data[i + 2]) / 3;
+        sum += grey; squares += grey * grey; n += 1;
+    }
+    const mean = sum / n;
+    return squares / n - mean * mean;
+})()"""
+
+
+@pytest.mark.parametrize("which", ["mixed", "failed"])
+def test_report_in_headless_chromium(studies: dict, tmp_path: Path, which: str) -> None:
+    """Open report.html in Chromium: every image loaded, no console error, the fit figure
+    not blank; the study whose trials all failed says so. Screenshots stay in tmp_path."""
+    from browser import chromium
+
+    config, _ = studies[which]
+    out = tmp_path / "report"
+    assert simcal("report", "--config", str(config), "--out", str(out)).returncode == 0
+    with chromium() as page:
+        page.open((out / "report.html").as_uri())
+        images = page.evaluate(IMAGES)
+        text = page.evaluate("document.body.innerText")
+        variance = page.evaluate(FIT_VARIANCE)
+        page.screenshot(tmp_path / f"report-{which}.png")
+        errors = list(page.errors)
+    assert errors == []
+    assert images and all(i["complete"] and i["width"] > 0 and i["height"] > 0 for i in images)
+    if which == "mixed":
+        assert [i["alt"] for i in images] == [
+            "Fit: incidence", "Loss by trial", "Parameters", "Throughput"]
+        assert variance is not None and variance > 100, variance
+        assert "Best loss" in text and "failed (nan_loss:" in text
+    else:
+        assert variance is None and [i["alt"] for i in images] == ["Loss by trial",
+                                                                  "Throughput"]
+        assert "All 6 finished trials failed" in text
+    assert (tmp_path / f"report-{which}.png").stat().st_size > 10_000

@@ -115,7 +115,7 @@ def fit_figure(
     ax.set_ylabel(target)
     ax.set_title(f"{target}: observed data and the best fit (loss {best.value:.4g})")
     _style(ax)
-    ax.legend(frameon=False, fontsize=9)
+    ax.legend(fontsize=9, framealpha=0.9, edgecolor="none")
     return _png(figure)
 
 
@@ -159,10 +159,11 @@ def loss_figure(trials: Sequence[FrozenTrial]) -> bytes:
                 label=f"best: #{best.number}")
         if losses.min() > 0 and losses.max() / losses.min() > 100:
             ax.set_yscale("log")
-        ax.legend(frameon=False, fontsize=9)
+        ax.legend(fontsize=9, framealpha=0.9, edgecolor="none")
     else:
         ax.text(0.5, 0.5, "no trial completed", ha="center", va="center",
                 transform=ax.transAxes, fontsize=13, color=BEST_COLOUR)
+        ax.set_yticks([])
     ax.set_ylabel("loss")
     ax.set_title("Loss by trial")
     _style(ax)
@@ -246,7 +247,7 @@ def throughput_figure(trials: Sequence[FrozenTrial]) -> bytes:
         return (moment - start).total_seconds() / 60
 
     span = max(minutes(max(t.datetime_complete for t in finished)), 1e-3)
-    bins = min(max(int(span * 60 / 10), 1), 60)  # bins of at least 10 s, at most 60 of them
+    bins = int(np.clip(span * 60 / 2, 1, 40))  # at most 40 bins, each at least 2 s long
     edges = np.linspace(0, span, bins + 1)
     width = edges[1] - edges[0]
     done = [minutes(t.datetime_complete) for t in finished if t.state == TrialState.COMPLETE]
@@ -259,14 +260,20 @@ def throughput_figure(trials: Sequence[FrozenTrial]) -> bytes:
         gridspec_kw={"height_ratios": [3, 1.3][:rows]},
     )
     ax = axes[0][0]
-    ax.step(edges[:-1], counts / width, where="post", color=OTHER_COLOUR, linewidth=1.8)
-    ax.fill_between(edges[:-1], counts / width, step="post", color=OTHER_COLOUR, alpha=0.15)
-    mean = len(done) / span
-    ax.axhline(mean, color=BEST_COLOUR, linestyle="--", linewidth=1,
-               label=f"mean {mean:.1f} trials/min")
+    if done:
+        ax.stairs(counts / width, edges, color=OTHER_COLOUR, linewidth=1.8, fill=True,
+                  alpha=0.25)
+        ax.stairs(counts / width, edges, color=OTHER_COLOUR, linewidth=1.8)
+        mean = len(done) / span
+        ax.axhline(mean, color=BEST_COLOUR, linestyle="--", linewidth=1,
+                   label=f"mean {mean:.1f} trials/min")
+        ax.legend(frameon=False, fontsize=9)
+    else:
+        ax.text(0.5, 0.5, "no trial completed", ha="center", va="center",
+                transform=ax.transAxes, fontsize=13, color=BEST_COLOUR)
+        ax.set_yticks([])
     ax.set_ylabel("completed trials / min")
-    ax.set_title(f"Throughput ({width * 60:.0f} s bins)")
-    ax.legend(frameon=False, fontsize=9)
+    ax.set_title(f"Throughput ({width * 60:.3g} s bins)")
     _style(ax)
     if failed:
         bottom = np.zeros(bins)

@@ -149,7 +149,13 @@ def _format(value: Any) -> str:
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], css: str = "") -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_format(v))}</td>" for v in row) + "</tr>"
+        "<tr>"
+        + "".join(
+            f'<td class="{"num" if isinstance(v, int | float) else "text"}">'
+            f"{html.escape(_format(v))}</td>"
+            for v in row
+        )
+        + "</tr>"
         for row in rows
     )
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -213,8 +219,8 @@ margin:0 auto;max-width:1100px;padding:1.5em 2em;color:#222;line-height:1.45}
 h1{margin-bottom:.1em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 .sub{color:#666;margin-top:0}
 table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
-th,td{border:1px solid #ddd;padding:.25em .6em;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 table.best tbody tr:first-child{background:#fdecea;font-weight:600}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}
