@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: Prometheus/promtool,
-# PostgreSQL, podman + runc + debootstrap for the image test, chromium for the report test. Idempotent; needs root
-# (or sudo) only when something is missing.
+# PostgreSQL, podman + runc + debootstrap for the image test, chromium for the report test.
+# Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
 packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium)
 missing=()
