@@ -13,7 +13,14 @@ from importlib.metadata import version
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 from simcal.failures import FailureReason
 
@@ -113,19 +120,18 @@ class Metrics:
         self.best_loss = Gauge(
             "simcal_best_loss", "Best loss found so far.", labels, registry=self.registry
         )
-        build = Gauge(
-            "simcal_build_info",
-            "Versions of simcal and its engine (value 1).",
-            ["version", "python", "dask", "distributed", "optuna"],
-            registry=self.registry,
+        build = Info(  # exported as simcal_build_info{...} 1
+            "simcal_build", "Versions of simcal and its engine (value 1).", registry=self.registry
         )
-        build.labels(
-            version=version("simcal"),
-            python=platform.python_version(),
-            dask=version("dask"),
-            distributed=version("distributed"),
-            optuna=version("optuna"),
-        ).set(1)
+        build.info(
+            {
+                "version": version("simcal"),
+                "python": platform.python_version(),
+                "dask": version("dask"),
+                "distributed": version("distributed"),
+                "optuna": version("optuna"),
+            }
+        )
         for status in ("completed", "failed"):
             self.trials.labels(study, status)
         for reason in FailureReason:
