@@ -272,3 +272,13 @@ def test_report_in_headless_chromium(studies: dict, tmp_path: Path, which: str) 
                                                                   "Throughput"]
         assert "All 6 finished trials failed" in text
     assert (tmp_path / f"report-{which}.png").stat().st_size > 10_000
+
+
+def test_best_parameters_at_a_search_bound_are_flagged() -> None:
+    from simcal.config import demo_config
+    from simcal.reporting.page import at_bounds
+
+    config = demo_config()  # beta in [0.1, 1.0], gamma in [0.05, 0.5]
+    assert at_bounds(config, {"beta": 0.995, "gamma": 0.2}) == ["beta is at its upper bound"]
+    assert at_bounds(config, {"beta": 0.5, "gamma": 0.055}) == ["gamma is at its lower bound"]
+    assert at_bounds(config, {"beta": 0.5, "gamma": 0.2}) == []

@@ -118,3 +118,38 @@ def test_report_serves_only_its_own_files(server: DriverHTTP, tmp_path: Path) ->
         assert status == 404, path
         assert b"secret" not in body and b"root:" not in body, path
     assert get(server.port, "/report/loss.png")[0] == 200
+
+
+def test_simcal_run_serves_the_live_report_while_running_and_lingering(tmp_path: Path) -> None:
+    """The real driver: /report/ shows the study while it runs and after, during the linger."""
+    from conftest import write_config
+    from processes import free_port, simcal_run, stopping, wait_until
+
+    config = write_config(tmp_path, max_trials=40, model_options={"duration": 0.05})
+    port = free_port()
+    driver = simcal_run(
+        config, tmp_path, "--workers", "2", "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(port), "--metrics-linger", "60", "--report-interval", "1",
+    )
+    with stopping(driver):
+        def report_page() -> bytes | None:
+            assert driver.alive(), driver.output()[-3000:]
+            try:
+                status, _, body = get(port, "/report/")
+            except OSError:
+                return None
+            return body if status == 200 else None
+
+        page = wait_until(report_page, timeout=120, what="the live report")
+        assert b"Calibration report: synthetic-test" in page
+        wait_until(lambda: driver.says("keeping /metrics and /report up"), timeout=120,
+                   what="the run to end")
+        time.sleep(1.1)  # older than --report-interval: the next request regenerates it
+
+        def final_page() -> bytes | None:
+            body = report_page()
+            return body if body and b"40 of 40 trials completed" in body else None
+
+        page = wait_until(final_page, timeout=60, what="the report of the finished run")
+        assert b"Fit: y" in page and b"data:image/png;base64," in page
+        assert get(port, "/report/../simcal.db")[0] == 404

@@ -175,7 +175,9 @@ def best_table(config: CalibrationConfig, trials: Sequence[FrozenTrial], top: in
     return _table(columns, rows, "best")
 
 
-def _status(summary: dict[str, Any], trials: Sequence[FrozenTrial]) -> str:
+def _status(
+    config: CalibrationConfig, summary: dict[str, Any], trials: Sequence[FrozenTrial]
+) -> str:
     """The page's headline: how the study went, in words."""
     if summary["n_trials"] == 0:
         running = summary["n_running"]
@@ -195,7 +197,29 @@ def _status(summary: dict[str, Any], trials: Sequence[FrozenTrial]) -> str:
     if summary["n_failed"]:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(summary["errors"].items()))
         text += f'; {summary["n_failed"]} failed ({html.escape(reasons)})'
-    return text + ".</p>"
+    text += ".</p>"
+    edges = at_bounds(config, summary["best_params"])
+    if edges:
+        text += (f'<p class="warn">At the edge of the search range (within 2 %): best '
+                 f'{html.escape(", ".join(edges))}. The optimum may lie outside the range; '
+                 "consider widening it.</p>")
+    return text
+
+
+def at_bounds(config: CalibrationConfig, params: dict[str, float]) -> list[str]:
+    """The parameters whose best value lies within 2 % of the range from a search bound."""
+    near = []
+    for name, spec in config.parameters.items():
+        if name not in params:
+            continue
+        low, high, value = spec.low, spec.high, params[name]
+        if spec.log:
+            low, high, value = np.log(low), np.log(high), np.log(value)
+        side = "lower" if value - low <= 0.02 * (high - low) else None
+        side = "upper" if high - value <= 0.02 * (high - low) else side
+        if side:
+            near.append(f"{name} is at its {side} bound")
+    return near
 
 
 def _errors_table(trials: Sequence[FrozenTrial]) -> str:
@@ -252,7 +276,7 @@ def render_page(
         f'<p class="sub">model <code>{html.escape(config.model)}</code> · storage '
         f"<code>{html.escape(redact(storage_url))}</code> · generated "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}</p>",
-        _status(summary, trials),
+        _status(config, summary, trials),
     ]
     for figure in drawn:
         parts.append(f"<h2>{html.escape(figure.title)}</h2>")
