@@ -87,6 +87,8 @@ def to_markdown(results: Results) -> str:
                 ("s/report", lambda r: r["seconds_per_report"]),
                 ("share every 2 s", lambda r: r["share_at_bench_interval"]),
                 ("share every 30 s", lambda r: r["share_at_default_interval"]),
+                ("CPU s/report", lambda r: r["cpu_seconds_per_report"]),
+                ("CPU share every 30 s", lambda r: r["cpu_share_at_default_interval"]),
                 ("trials/min with", lambda r: r["trials_per_minute_with_report"]),
                 ("trials/min without", lambda r: r["trials_per_minute_without_report"]),
                 ("with / without", lambda r: r["throughput_ratio"]),

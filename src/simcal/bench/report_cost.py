@@ -51,7 +51,9 @@ def _run(
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     stop.set()
     poller.join()
-    generations, report_seconds = (report.generations, report.seconds) if report else (0, 0.0)
+    generations, report_seconds, report_cpu = (
+        (report.generations, report.seconds, report.cpu_seconds) if report else (0, 0.0, 0.0)
+    )
     if report is not None:
         report.close()
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -63,6 +65,7 @@ def _run(
         "rate": rate,
         "generations": generations,
         "report_seconds": report_seconds,
+        "report_cpu": report_cpu,
     }
 
 
@@ -71,7 +74,9 @@ def live_report_cost(client: Client, workload: Workload, seconds: float) -> dict
     with tempfile.TemporaryDirectory(prefix="simcal-bench-report-") as directory:
         without = _run(client, workload, seconds, directory, live=False)
         with_report = _run(client, workload, seconds, directory, live=True)
-    per_report = with_report["report_seconds"] / max(with_report["generations"], 1)
+    reports = max(with_report["generations"], 1)
+    per_report = with_report["report_seconds"] / reports
+    cpu_per_report = with_report["report_cpu"] / reports
     row = {
         "workers": workload.workers,
         "duration": workload.duration,
@@ -82,6 +87,9 @@ def live_report_cost(client: Client, workload: Workload, seconds: float) -> dict
         "share_at_bench_interval": with_report["report_seconds"] / with_report["wall"],
         "bench_interval_seconds": BENCH_INTERVAL,
         "share_at_default_interval": per_report / DEFAULT_INTERVAL,
+        "cpu_seconds_per_report": cpu_per_report,
+        "cpu_share_at_bench_interval": with_report["report_cpu"] / with_report["wall"],
+        "cpu_share_at_default_interval": cpu_per_report / DEFAULT_INTERVAL,
         "default_interval_seconds": DEFAULT_INTERVAL,
         "trials_per_minute_with_report": with_report["rate"],
         "trials_per_minute_without_report": without["rate"],
@@ -92,13 +100,15 @@ def live_report_cost(client: Client, workload: Workload, seconds: float) -> dict
         / max(without["completed"], 1),
     }
     log.info(
-        "live report %s: %.2f s per report; %.1f%% of driver time every %gs, %.2f%% at the "
-        "default %gs; throughput with/without %.3f",
+        "live report %s: %.2f s (%.2f CPU s) per report; %.1f%% of driver time every %gs, "
+        "%.2f%% (CPU %.2f%%) at the default %gs; throughput with/without %.3f",
         workload.label,
         per_report,
+        cpu_per_report,
         100 * row["share_at_bench_interval"],
         BENCH_INTERVAL,
         100 * row["share_at_default_interval"],
+        100 * row["cpu_share_at_default_interval"],
         DEFAULT_INTERVAL,
         row["throughput_ratio"] or 0,
     )

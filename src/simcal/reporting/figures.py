@@ -34,6 +34,15 @@ REASON_COLOURS = {
     "model_import": "#c0392b",
 }
 MAX_PAIR_PARAMETERS = 6
+# Fixed margins instead of a layout engine: constrained layout draws each figure again to
+# measure it, a third of the live report's cost (docs/performance.md).
+MARGINS = {"left": 0.085, "right": 0.985, "bottom": 0.12, "top": 0.91, "hspace": 0.12}
+
+
+def _left(failed: Sequence[FrozenTrial]) -> float:
+    """Room for the failure rows' labels ("simulation_error (12)")."""
+    labels = [len(str(t.user_attrs.get(FAIL_REASON, "unknown"))) + 5 for t in failed]
+    return min(0.085 + 0.0075 * max(labels, default=0), 0.3)
 
 
 class NoFigure(Exception):
@@ -42,7 +51,7 @@ class NoFigure(Exception):
 
 def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=DPI)  # not bbox_inches="tight": another draw
     return buffer.getvalue()
 
 
@@ -95,7 +104,7 @@ def fit_figure(
             "the study was run by a simcal that did not store them"
         )
     figure = Figure(figsize=(9, 4.2))
-    ax = figure.subplots()
+    ax = figure.subplots(gridspec_kw=MARGINS)
     others = 0
     for trial in ranked[1:top]:
         other = fit_summary(trial, target)
@@ -143,7 +152,7 @@ def loss_figure(trials: Sequence[FrozenTrial]) -> bytes:
     figure = Figure(figsize=(9, 4.6 if failed else 3.8))
     axes = figure.subplots(
         rows, 1, sharex=True, squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1][:rows]},
+        gridspec_kw={"height_ratios": [3, 1][:rows], **MARGINS, "left": _left(failed)},
     )
     ax = axes[0][0]
     if ranked:
@@ -186,8 +195,12 @@ def parameters_figure(config: CalibrationConfig, trials: Sequence[FrozenTrial]) 
     n = len(names)
     grid_rows = 1 + max(len(pairs) - 1, 0)
     cols = max(n, len(pairs) - 1, 1)
-    figure = Figure(figsize=(3.2 * cols, 2.9 * grid_rows + 0.4), layout="constrained")
-    grid = figure.add_gridspec(grid_rows, cols)
+    width, height = 3.2 * cols + 1.2, 2.9 * grid_rows + 0.5
+    figure = Figure(figsize=(width, height))
+    grid = figure.add_gridspec(
+        grid_rows, cols, left=0.75 / width, right=1 - 1.25 / width, bottom=0.5 / height,
+        top=1 - 0.45 / height, wspace=0.3, hspace=0.42,
+    )
     best = ranked[0]
 
     def values(name: str) -> np.ndarray:
@@ -230,7 +243,8 @@ def parameters_figure(config: CalibrationConfig, trials: Sequence[FrozenTrial]) 
             _style(ax)
     if scatter is not None:
         label = "log10 loss" if colour is not losses and shown.max() / shown.min() > 100 else "loss"
-        figure.colorbar(scatter, ax=figure.axes, shrink=0.6, label=f"{label} (lower is better)")
+        bar = figure.add_axes((1 - 0.85 / width, 0.2, 0.15 / width, 0.6))
+        figure.colorbar(scatter, cax=bar, label=f"{label} (lower is better)")
     figure.suptitle("Parameters against loss (dashed: search bounds, star: best trial)")
     return _png(figure)
 
@@ -257,7 +271,7 @@ def throughput_figure(trials: Sequence[FrozenTrial]) -> bytes:
     figure = Figure(figsize=(9, 4.4 if failed else 3.4))
     axes = figure.subplots(
         rows, 1, sharex=True, squeeze=False,
-        gridspec_kw={"height_ratios": [3, 1.3][:rows]},
+        gridspec_kw={"height_ratios": [3, 1.3][:rows], **MARGINS},
     )
     ax = axes[0][0]
     if done:
@@ -287,7 +301,7 @@ def throughput_figure(trials: Sequence[FrozenTrial]) -> bytes:
                            label=f"{reason} ({counter[reason]})")
             bottom += per_bin
         axes[1][0].set_ylabel("failed trials")
-        axes[1][0].legend(frameon=False, fontsize=8, loc="upper right")
+        axes[1][0].legend(fontsize=8, loc="upper left", framealpha=0.9, edgecolor="none")
         _style(axes[1][0])
     axes[-1][0].set_xlabel("wall time since the first trial started (minutes)")
     return _png(figure)

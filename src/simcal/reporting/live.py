@@ -39,6 +39,7 @@ class LiveReport:
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._study: optuna.Study | None = None
+        self._cache: dict = {}  # figures whose inputs did not change are not drawn again
         self._thread = threading.Thread(target=self._loop, name="simcal-report", daemon=True)
         self._thread.start()
 
@@ -65,7 +66,7 @@ class LiveReport:
             if self._study is None:  # its own storage connection, not the driver's
                 self._study = load_existing_study(self.config.storage, self.config.study)
             write_report(self._study, self.config, self.directory, top=self.top,
-                         storage_url=self.config.storage)
+                         storage_url=self.config.storage, cache=self._cache)
         except Exception as exc:
             log.warning("live report failed: %s: %s", type(exc).__name__, exc)
         finally:

@@ -52,11 +52,27 @@ class Figure:
     missing: str | None = None
 
 
-def _draw(file: str, title: str, caption: str, draw: Callable[[], bytes]) -> Figure:
+FigureCache = dict[str, tuple[object, Figure]]
+
+
+def _draw(
+    file: str,
+    title: str,
+    caption: str,
+    draw: Callable[[], bytes],
+    cache: FigureCache | None = None,
+    key: object = None,
+) -> Figure:
+    """Draw a figure, or reuse the cached one if what it shows (``key``) did not change."""
+    if cache is not None and file in cache and cache[file][0] == key:
+        return cache[file][1]
     try:
-        return Figure(file, title, caption, png=draw())
+        figure = Figure(file, title, caption, png=draw())
     except figures.NoFigure as exc:
-        return Figure(file, title, caption, missing=str(exc))
+        figure = Figure(file, title, caption, missing=str(exc))
+    if cache is not None:
+        cache[file] = (key, figure)
+    return figure
 
 
 def _observed(config: CalibrationConfig, name: str) -> np.ndarray:
@@ -65,10 +81,19 @@ def _observed(config: CalibrationConfig, name: str) -> np.ndarray:
 
 
 def build_figures(
-    config: CalibrationConfig, trials: Sequence[FrozenTrial], top: int
+    config: CalibrationConfig,
+    trials: Sequence[FrozenTrial],
+    top: int,
+    cache: FigureCache | None = None,
 ) -> list[Figure]:
-    """Every figure of the report, drawn from the stored trials."""
+    """Every figure of the report, drawn from the stored trials.
+
+    With a ``cache`` (the live report keeps one), a figure whose inputs did not change is
+    not drawn again: finished trials never change, so counts of them identify what is shown.
+    """
     ranked = figures.completed_by_loss(trials)
+    failed = len(figures.failed_trials(trials))
+    best = tuple(t.number for t in ranked[:top])
     result = []
     for target in config.targets:
         result.append(
@@ -81,24 +106,26 @@ def build_figures(
                 lambda target=target: figures.fit_figure(
                     target.name, _observed(config, target.name), ranked, top
                 ),
+                cache,
+                best,
             )
         )
     result.append(
         _draw("loss.png", "Loss by trial",
               "Each completed trial's loss, the best loss so far, and failed trials by reason.",
-              lambda: figures.loss_figure(trials))
+              lambda: figures.loss_figure(trials), cache, (len(ranked), failed))
     )
     result.append(
         _draw("parameters.png", "Parameters",
               "Each parameter against the loss within its search bounds, and each pair of "
               "parameters coloured by loss (yellow: lower loss, better).",
-              lambda: figures.parameters_figure(config, trials))
+              lambda: figures.parameters_figure(config, trials), cache, len(ranked))
     )
     result.append(
         _draw("throughput.png", "Throughput",
               "Completed trials per minute over the run's wall time (from the stored start and "
               "completion times), and failed trials by reason.",
-              lambda: figures.throughput_figure(trials))
+              lambda: figures.throughput_figure(trials), cache, (len(ranked), failed))
     )
     return result
 
@@ -327,11 +354,12 @@ def write_report(
     top: int,
     storage_url: str,
     sections: Sequence[Section] = (),
+    cache: FigureCache | None = None,
 ) -> Path:
     """Draw the figures, write them and ``report.html`` into ``out``; returns the page's path."""
     trials = study.get_trials(deepcopy=False)
     summary = study_summary(study, trials)
-    drawn = build_figures(config, trials, top)
+    drawn = build_figures(config, trials, top, cache)
     out.mkdir(parents=True, exist_ok=True)
     for figure in drawn:
         stale = out / figure.file
