@@ -37,6 +37,7 @@ def test_json_has_every_section(quick_run: dict) -> None:
     [cost] = results["report_cost"]
     assert cost["reports"] >= 1 and cost["seconds_per_report"] > 0
     assert 0 < cost["share_at_default_interval"] < cost["share_at_bench_interval"]
+    assert 0 < cost["cpu_share_at_default_interval"] < cost["cpu_share_at_bench_interval"]
     assert results["meta"]["settings"]["name"] == "quick"
     assert {row["mode"] for row in results["throughput"]} == set(mode_names())
     assert {row["strategy"] for row in results["gather"]} == {
