@@ -130,7 +130,7 @@ def _on_cluster(settings: Settings, workers: int, storage: str, results: dict) -
                     )
                 )
             if duration == min(settings.durations, key=lambda d: abs(d - 0.2)):
-                seconds = max(settings.run_seconds(workload), 10.0)  # several reports
+                seconds = max(settings.run_seconds(workload), 2 * settings.seconds)
                 results["report_cost"].append(live_report_cost(client, workload, seconds))
 
 
