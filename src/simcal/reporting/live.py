@@ -1,14 +1,21 @@
-"""The live report of a running calibration: regenerated in a background thread, at most every
-``interval`` seconds and only while someone asks for it, never in the driver loop."""
+"""The live report of a running calibration: regenerated at most every ``interval`` seconds,
+only while someone asks for it, by a niced renderer process that a background thread drives;
+never in the driver loop, never holding the driver's GIL."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import multiprocessing
+import multiprocessing.process
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import optuna
@@ -34,12 +41,12 @@ class LiveReport:
         self.directory = Path(tempfile.mkdtemp(prefix="simcal-report-"))
         self.generations = 0
         self.seconds = 0.0  # wall seconds spent generating
-        self.cpu_seconds = 0.0  # CPU seconds of the generating thread
+        self.cpu_seconds = 0.0  # CPU seconds of the renderer process
         self._last = -math.inf
         self._wanted = threading.Event()
         self._stop = threading.Event()
-        self._study: optuna.Study | None = None
-        self._cache: dict = {}  # figures whose inputs did not change are not drawn again
+        self._renderer: multiprocessing.process.BaseProcess | None = None
+        self._connection: Connection | None = None
         self._thread = threading.Thread(target=self._loop, name="simcal-report", daemon=True)
         self._thread.start()
 
@@ -57,29 +64,86 @@ class LiveReport:
             self.generate()
 
     def generate(self) -> None:
-        """Write the report now (in the calling thread); failures are logged, not raised."""
-        from simcal.reporting.page import write_report
-        from simcal.reporting.studies import load_existing_study
+        """Have the renderer process write the report now; failures are logged, not raised.
 
-        wall, cpu = time.perf_counter(), time.thread_time()
+        Drawing happens in a separate, niced process: a thread would hold the driver's GIL
+        while matplotlib draws, and that measurably slowed the driver loop (see
+        docs/performance.md). This thread only waits on the pipe.
+        """
+        wall = time.perf_counter()
         try:
-            if self._study is None:  # its own storage connection, not the driver's
-                self._study = load_existing_study(self.config.storage, self.config.study)
-            write_report(self._study, self.config, self.directory, top=self.top,
-                         storage_url=self.config.storage, cache=self._cache)
-        except Exception as exc:
-            log.warning("live report failed: %s: %s", type(exc).__name__, exc)
+            if self._renderer is None or not self._renderer.is_alive():
+                self._start_renderer()
+            assert self._connection is not None
+            self._connection.send(True)
+            cpu, error = self._connection.recv()
+            self.cpu_seconds += cpu
+            if error:
+                log.warning("live report failed: %s", error)
+        except (OSError, EOFError) as exc:  # the renderer died (e.g. killed); start a new one
+            log.warning("live report renderer stopped: %s", exc)
+            self._renderer = None
         finally:
             self._last = time.monotonic()
             self.generations += 1
             self.seconds += time.perf_counter() - wall
-            self.cpu_seconds += time.thread_time() - cpu
+
+    def _start_renderer(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        self._renderer = context.Process(
+            target=_render_loop,
+            args=(theirs, self.config.model_dump(mode="json"), str(self.directory), self.top),
+            name="simcal-report-renderer",
+            daemon=True,
+        )
+        self._renderer.start()
+        theirs.close()
+        self._connection = ours
 
     def close(self) -> None:
         self._stop.set()
         self._wanted.set()
         self._thread.join(timeout=60)
+        if self._renderer is not None:
+            with contextlib.suppress(OSError):
+                assert self._connection is not None
+                self._connection.send(None)
+            self._renderer.join(timeout=10)
+            if self._renderer.is_alive():
+                self._renderer.kill()
+                self._renderer.join(timeout=10)
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _render_loop(connection: Connection, config: dict, directory: str, top: int) -> None:
+    """The renderer process: a report per request, until ``None``; replies (CPU s, error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver decides when to stop
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    from simcal.config import validate_config
+    from simcal.reporting.page import write_report
+    from simcal.reporting.studies import load_existing_study
+
+    settings = validate_config(config)
+    cache: dict = {}  # figures whose inputs did not change are not drawn again
+    study: optuna.Study | None = None
+    while True:
+        try:
+            request = connection.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        cpu, error = time.process_time(), None
+        try:
+            if study is None:  # its own storage connection, not the driver's
+                study = load_existing_study(settings.storage, settings.study)
+            write_report(study, settings, Path(directory), top=top,
+                         storage_url=settings.storage, cache=cache)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        connection.send((time.process_time() - cpu, error))
 
 
 class DriverHTTP:
