@@ -51,11 +51,11 @@ def _run(
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     stop.set()
     poller.join()
+    if report is not None:
+        report.close()  # lets a report being drawn finish, so it is counted
     generations, report_seconds, report_cpu = (
         (report.generations, report.seconds, report.cpu_seconds) if report else (0, 0.0, 0.0)
     )
-    if report is not None:
-        report.close()
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     rate = steady_rate([t.datetime_complete.timestamp() for t in completed]) * 60
     return {
