@@ -282,3 +282,30 @@ def test_best_parameters_at_a_search_bound_are_flagged() -> None:
     assert at_bounds(config, {"beta": 0.995, "gamma": 0.2}) == ["beta is at its upper bound"]
     assert at_bounds(config, {"beta": 0.5, "gamma": 0.055}) == ["gamma is at its lower bound"]
     assert at_bounds(config, {"beta": 0.5, "gamma": 0.2}) == []
+
+
+def test_result_rows_follow_the_config_order() -> None:
+    from optuna.distributions import FloatDistribution
+
+    from simcal.report import trial_rows
+
+    config = validate_config({
+        **SEIR, "model": "simcal.models.seir:simulate", "storage": "sqlite:///unused.db",
+        "targets": [{"name": "zeta", "observed": "simcal.models.seir:observed"},
+                    {"name": "alpha", "observed": "simcal.models.seir:observed"}],
+    })
+    distributions = {"beta": FloatDistribution(0.1, 1.0), "gamma": FloatDistribution(0.05, 0.5)}
+    trials = [
+        optuna.trial.create_trial(
+            params={"beta": 0.5, "gamma": 0.2}, distributions=distributions, value=loss,
+            user_attrs={"loss_alpha": loss / 2, "loss_zeta": loss / 2},
+        )
+        for loss in (3.0, 1.0, 2.0)
+    ]
+    for number, trial in enumerate(trials):
+        trial.number = number
+    rows = trial_rows(trials, config, sort="loss")
+    assert [row["number"] for row in rows] == [1, 2, 0]
+    assert [row["best"] for row in rows] == [True, False, False]
+    columns = [c for c in rows[0] if c.startswith(("param_", "loss_"))]
+    assert columns == ["param_gamma", "param_beta", "loss_zeta", "loss_alpha"]
