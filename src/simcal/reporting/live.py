@@ -30,7 +30,8 @@ DEFAULT_INTERVAL = 30.0
 
 
 class LiveReport:
-    """A report folder kept fresh on demand: :meth:`request` asks, a thread regenerates."""
+    """A report folder kept fresh on demand: :meth:`request` asks, a thread has the renderer
+    process redraw it."""
 
     def __init__(
         self, config: CalibrationConfig, *, interval: float = DEFAULT_INTERVAL, top: int = 5
