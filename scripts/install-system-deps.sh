@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: Prometheus/promtool,
-# PostgreSQL, podman + runc + debootstrap for the image test. Idempotent; needs root
-# (or sudo) only when something is missing.
+# PostgreSQL, podman + runc + debootstrap for the image test, chromium for the report test.
+# Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
-packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs)
+packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -31,7 +31,13 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_json_has_every_section(quick_run: dict) -> None:
     results = quick_run["results"]
-    assert set(results) == {"meta", "optimizer_cost", "gather", "raw_dask", "throughput", "targets"}
+    assert set(results) == {
+        "meta", "optimizer_cost", "gather", "raw_dask", "throughput", "report_cost", "targets"
+    }
+    [cost] = results["report_cost"]
+    assert cost["reports"] >= 1 and cost["seconds_per_report"] > 0
+    assert 0 < cost["share_at_default_interval"] < cost["share_at_bench_interval"]
+    assert 0 < cost["cpu_share_at_default_interval"] < cost["cpu_share_at_bench_interval"]
     assert results["meta"]["settings"]["name"] == "quick"
     assert {row["mode"] for row in results["throughput"]} == set(mode_names())
     assert {row["strategy"] for row in results["gather"]} == {
@@ -74,7 +80,7 @@ def test_markdown_and_png(quick_run: dict) -> None:
 
 def test_targets_not_measured_are_not_met() -> None:
     targets = check_targets({"throughput": [], "gather": [], "raw_dask": []})
-    assert len(targets) == 6
+    assert len(targets) == 7
     assert all(target["met"] is None for target in targets)
 
 

@@ -852,6 +852,8 @@ def test_notes_explain_job_dashboard_and_metrics():
     assert "kubectl -n default logs -f job/simcal-driver-1" in text
     assert "kubectl -n default port-forward svc/simcal-scheduler 8787:8787" in text
     assert "port-forward svc/simcal-driver 8000:8000" in text
+    assert "kubectl -n default port-forward job/simcal-driver-1 8000" in text  # the live fit
+    assert "http://localhost:8000/report/" in text
     assert 'job="simcal-driver"' in text
     assert "helm test simcal" in text
     assert "not served" in notes(api_versions=DASK_APIS)

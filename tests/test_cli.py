@@ -97,6 +97,11 @@ def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path)
     assert summary["errors"] == ({"nan_loss": summary["n_failed"]} if summary["n_failed"] else {})
     assert set(summary["best_params"]) == {"x", "y"} and summary["trials_per_minute"] > 0
     assert "trials 12/12" in result.stderr  # progress lines when not on a terminal
+    last = [line for line in result.stderr.splitlines() if "trials 12/12" in line][-1]
+    shown = float(last.split("trials/min (run)")[0].split()[-1])  # the same window: the run
+    assert shown == pytest.approx(summary["trials_per_minute"], abs=0.051), last
+    readme = (REPO / "README.md").read_text()
+    assert [key for key in summary if f"`{key}`" not in readme] == []  # README lists every key
 
     listed = run_simcal("results", "--config", str(config), "--format", "csv")
     assert listed.returncode == 0, listed.stderr
@@ -111,8 +116,9 @@ def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path)
 def test_results_for_unknown_study_is_a_clear_error(tmp_path: Path) -> None:
     config = write_config(tmp_path)
     result = run_simcal("results", "--config", str(config), "--study", "nope")
-    assert result.returncode == 1
-    assert "no study 'nope'" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2  # bad input; the storage file does not exist either
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "simcal.db").exists()
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ def test_served_metrics_match_the_design() -> None:
     metrics = Metrics("demo")
     port = metrics.serve(0, "127.0.0.1")
     try:
+        metrics.set_best_loss(2.5)
         metrics.trial_completed(loss=2.5, seconds=1.2)
         metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.5)
         metrics.trial_pruned(seconds=0.3)
@@ -80,24 +81,23 @@ def test_trailing_rates_and_utilization() -> None:
         clock.now += 1
         metrics.observe_cluster(workers=4, threads=4, busy_threads=4)
         metrics.trial_completed(loss=1.0, seconds=1.0)
-    metrics.refresh()
-    assert metrics.value("simcal_trials_per_minute") == 60.0
+    assert metrics.value("simcal_trials_per_minute") == 60.0  # computed when read
     assert metrics.value("simcal_worker_utilization_ratio") == 1.0
     assert metrics.value("simcal_workers") == 4
     clock.now += 0.5
     for _ in range(45):  # then 45 s with one thread busy and no trial finishing
         clock.now += 1
         metrics.observe_cluster(workers=4, threads=4, busy_threads=1)
-    metrics.refresh()  # the window now holds the last 15 busy seconds and 45 idle ones
+    # the window now holds the last 15 busy seconds and 45 idle ones
     assert metrics.value("simcal_trials_per_minute") == 15.0
     assert metrics.value("simcal_worker_utilization_ratio") == (15 * 1.0 + 45 * 0.25) / 60
 
 
-def test_best_loss_only_improves() -> None:
+def test_best_loss_is_what_the_driver_sets() -> None:
     metrics = Metrics("demo")
-    for loss in (3.0, 1.0, 2.0):
-        metrics.trial_completed(loss=loss, seconds=1)
-    assert metrics.value("simcal_best_loss") == 1.0
+    metrics.set_best_loss(3.0)
+    metrics.trial_completed(loss=1.0, seconds=1)  # the driver, not the metrics, tracks the best
+    assert metrics.value("simcal_best_loss") == 3.0
 
 
 def test_trailing_window_drops_old_events() -> None:

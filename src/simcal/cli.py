@@ -17,6 +17,7 @@ from simcal import __version__
 from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
 from simcal.posterior import add_posterior_parser
+from simcal.reporting.cli import add_report_parser
 from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
@@ -109,6 +110,12 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
         help="keep /metrics up this many seconds after the run",
     )
     run.add_argument(
+        "--report-interval",
+        type=_seconds,
+        default=30.0,
+        help="regenerate the live /report at most every this many seconds (0 disables it)",
+    )
+    run.add_argument(
         "--dashboard-address",
         type=_host_port,
         default="127.0.0.1:8787",
@@ -134,10 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     add_submit_parser(commands)
     add_posterior_parser(commands)
+    add_report_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)
     results.add_argument("--format", choices=("csv", "json"), default="csv")
+    results.add_argument(
+        "--sort", choices=("number", "loss"), default="number", help="row order (loss: best first)"
+    )
     results.set_defaults(handler=cmd_results)
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
@@ -239,15 +250,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_scheduler(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
     metrics = Metrics(config.study)
+    http = None
     if args.metrics_port:
+        from simcal.reporting.live import DriverHTTP
+
         try:
-            port = metrics.serve(args.metrics_port, args.metrics_host)
+            http = DriverHTTP(
+                metrics, config, args.metrics_port, args.metrics_host, args.report_interval
+            )
+            port = http.port
         except OSError as exc:
             raise ConfigError(
                 f"--metrics-host {args.metrics_host} --metrics-port {args.metrics_port}: "
                 f"cannot listen ({exc.strerror or exc}); pick another port or 0 to disable"
             ) from None
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        log.info("metrics and live report on http://%s:%d/", args.metrics_host, port)
     options = ClusterOptions(
         scheduler=scheduler,
         workers=args.workers,
@@ -278,10 +295,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.summary:
             args.summary.write_text(text + "\n", encoding="utf-8")
         if args.metrics_linger and args.metrics_port:
-            log.info("keeping /metrics up for %.0fs", args.metrics_linger)
+            log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
     finally:
         metrics.close()
+        if http is not None:
+            http.close()
     return EXIT_OK
 
 
@@ -296,19 +315,12 @@ def _on_signals(stop: Any) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """``simcal results``: every stored trial as CSV or JSON."""
-    import optuna
-
-    from simcal.report import format_rows, trial_row
-    from simcal.storage import StorageError, redact
+    from simcal.report import format_rows, trial_rows
+    from simcal.reporting.studies import load_existing_study
 
     config = _resolve_config(args)
-    try:
-        study = optuna.load_study(study_name=config.study, storage=config.storage)
-    except KeyError:
-        raise StorageError(f"no study {config.study!r} in {redact(config.storage)}") from None
-    except Exception as exc:
-        raise StorageError(f"cannot read {redact(config.storage)}: {type(exc).__name__}") from None
-    rows = [trial_row(t) for t in study.get_trials(deepcopy=False)]
+    study = load_existing_study(config.storage, config.study)  # never creates a storage
+    rows = trial_rows(study.get_trials(deepcopy=False), config, sort=args.sort)
     sys.stdout.write(format_rows(rows, args.format))
     return EXIT_OK
 

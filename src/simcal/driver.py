@@ -9,6 +9,7 @@ Dask futures beyond handing them back to :class:`SimulationService`.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -37,7 +38,7 @@ from simcal.storage import (
     with_retries,
 )
 from simcal.targets import make_objective
-from simcal.tasks import TargetLoss
+from simcal.tasks import FIT_ATTR_PREFIX, TargetLoss
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ GatherFunction = Callable[[Sequence[Future], float | None], list[object | BaseEx
 POLL_SECONDS = 0.5
 CLUSTER_REFRESH_SECONDS = 2.0
 SCHEDULER_LOSS_SECONDS = 30.0
+STORED_FITS = 20  # a trial's replicate summaries are stored if it is among the best 20 when told
 
 
 class SchedulerLostError(RuntimeError):
@@ -135,7 +137,7 @@ class Calibration:
         self._threads = 1
         self._last_refresh = -math.inf
         self._disconnected_since: float | None = None
-        self._best = math.inf
+        self._best_losses: list[float] = []  # the best STORED_FITS losses, ascending
 
     # -- public -------------------------------------------------------------------------------
 
@@ -170,11 +172,11 @@ class Calibration:
                     self._run_batches(started)
                 else:
                     self._run_streaming(started)
-                self._report(force=True)
+                self._report(force=True, elapsed=self._clock() - started)
         finally:
             self._interrupt_all()
             self.metrics.set_inflight(0)
-            self._stats.elapsed = self._clock() - started
+            self._stats.elapsed = self._stats.elapsed or self._clock() - started
         if self._stop_reason:
             self._stats.stop_reason = self._stop_reason
         return self._stats
@@ -383,11 +385,15 @@ class Calibration:
         attrs = {f"loss_{item.target}": item.loss for item in losses}
         attrs["duration_seconds"] = round(seconds, 4)
         attrs["task_seconds"] = round(task_seconds, 4)
+        improved = total < self._best
+        if self._among_best(total):  # what the report's fit figure shows (docs/architecture.md)
+            attrs.update({f"{FIT_ATTR_PREFIX}{i.target}": i.summary for i in losses if i.summary})
         with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell")
         tell(self.study, run.trial, total, what="tell")
         self._counted += 1
         self._stats.completed += 1
-        self._best = min(self._best, total)
+        if improved:
+            self.metrics.set_best_loss(total)
         self.metrics.trial_completed(total, seconds)
 
     def _fail(self, run: TrialRun, error: BaseException) -> None:
@@ -467,25 +473,37 @@ class Calibration:
         cluster = self.service.cluster_snapshot()
         self._threads = max(cluster.threads, 1)
         self.metrics.observe_cluster(cluster.workers, cluster.threads, cluster.busy_threads)
-        self.metrics.refresh()
+
+    def _among_best(self, loss: float) -> bool:
+        """Whether ``loss`` is among the best :data:`STORED_FITS` so far (and remember it)."""
+        if len(self._best_losses) >= STORED_FITS and loss >= self._best_losses[-1]:
+            return False
+        bisect.insort(self._best_losses, loss)
+        del self._best_losses[STORED_FITS:]
+        return True
+
+    @property
+    def _best(self) -> float:
+        return self._best_losses[0] if self._best_losses else math.inf
 
     def _init_best(self) -> None:
-        try:
-            self._best = float(self.study.best_value)
-        except ValueError:
-            return  # no completed trial yet
-        self.metrics.set_best_loss(self._best)
+        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        self._best_losses = sorted(t.value for t in completed if t.value is not None)[:STORED_FITS]
+        if self._best_losses:
+            self.metrics.set_best_loss(self._best)
 
-    def _report(self, *, force: bool = False) -> None:
-        self.metrics.refresh()
+    def _report(self, *, force: bool = False, elapsed: float = 0.0) -> None:
+        if force:  # the last line and the summary rate the same window: this whole run
+            self._stats.elapsed = elapsed
         self.progress.update(
             Snapshot(
                 done=self._counted,
                 total=self.config.max_trials,
                 failed=self._stats.failed,
                 inflight=len(self._inflight),
-                trials_per_minute=self.metrics.value("simcal_trials_per_minute"),
                 best_loss=self._best,
+                completed_this_run=self._stats.completed,
+                elapsed=elapsed,
             ),
             force=force,
         )

@@ -13,7 +13,14 @@ from importlib.metadata import version
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 
 from simcal.failures import FailureReason
 
@@ -61,7 +68,6 @@ class Metrics:
         self._completed_window = TrailingWindow(window_seconds, clock)
         self._occupancy = TrailingWindow(window_seconds, clock)
         self._occupancy_samples = TrailingWindow(window_seconds, clock)
-        self._best = float("inf")
         self._server: tuple[WSGIServer, Thread] | None = None
         labels = ["study"]
         self.trials = Counter(
@@ -114,31 +120,31 @@ class Metrics:
         self.best_loss = Gauge(
             "simcal_best_loss", "Best loss found so far.", labels, registry=self.registry
         )
-        build = Gauge(
-            "simcal_build_info",
-            "Versions of simcal and its engine (value 1).",
-            ["version", "python", "dask", "distributed", "optuna"],
-            registry=self.registry,
+        build = Info(  # exported as simcal_build_info{...} 1
+            "simcal_build", "Versions of simcal and its engine (value 1).", registry=self.registry
         )
-        build.labels(
-            version=version("simcal"),
-            python=platform.python_version(),
-            dask=version("dask"),
-            distributed=version("distributed"),
-            optuna=version("optuna"),
-        ).set(1)
+        build.info(
+            {
+                "version": version("simcal"),
+                "python": platform.python_version(),
+                "dask": version("dask"),
+                "distributed": version("distributed"),
+                "optuna": version("optuna"),
+            }
+        )
         for status in ("completed", "failed", "pruned"):
             self.trials.labels(study, status)
         for reason in FailureReason:
             self.errors.labels(study, reason.value)
         self.best_loss.labels(study).set(float("nan"))
+        # trailing-window gauges: computed when scraped, from the windows the driver feeds
+        self.trials_per_minute.labels(study).set_function(self._trials_per_minute)
+        self.utilization.labels(study).set_function(self._utilization)
 
     def trial_completed(self, loss: float, seconds: float) -> None:
         self.trials.labels(self.study, "completed").inc()
         self.duration.labels(self.study).observe(seconds)
         self._completed_window.add()
-        if loss < self._best:
-            self.set_best_loss(loss)
 
     def trial_pruned(self, seconds: float) -> None:
         """A trial stopped after its first replicates: finished work, not an error."""
@@ -152,7 +158,7 @@ class Metrics:
         self.duration.labels(self.study).observe(seconds)
 
     def set_best_loss(self, loss: float) -> None:
-        self._best = loss
+        """The best loss so far (the driver tracks it and says when it improves)."""
         self.best_loss.labels(self.study).set(loss)
 
     def set_inflight(self, trials: int) -> None:
@@ -168,13 +174,12 @@ class Metrics:
     def set_min_workers(self, workers: int) -> None:
         self.min_workers.labels(self.study).set(workers)
 
-    def refresh(self) -> None:
-        """Recompute the trailing-window gauges."""
-        span = self._completed_window.span()
-        self.trials_per_minute.labels(self.study).set(self._completed_window.total() * 60 / span)
+    def _trials_per_minute(self) -> float:
+        return self._completed_window.total() * 60 / self._completed_window.span()
+
+    def _utilization(self) -> float:
         samples = self._occupancy_samples.total()
-        if samples:
-            self.utilization.labels(self.study).set(self._occupancy.total() / samples)
+        return self._occupancy.total() / samples if samples else 0.0
 
     def value(self, name: str, **labels: str) -> float:
         """A sample's current value (for summaries and tests); 0 if absent."""

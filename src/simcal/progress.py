@@ -5,11 +5,25 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from simcal.metrics import TrailingWindow
+
 log = logging.getLogger("simcal")
+RATE_WINDOW_SECONDS = 60.0
+
+
+def trials_per_minute(completed: float, seconds: float) -> float:
+    """THE throughput definition: trials completed in a window of wall time, per minute of it.
+
+    Failed and interrupted trials do not count. The progress line applies it to the trailing
+    minute while running and to the whole run on its last line; the JSON summary's
+    ``trials_per_minute`` applies it to the whole run, so the two agree at the end.
+    """
+    return completed * 60.0 / seconds if seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -20,16 +34,25 @@ class Snapshot:
     total: int
     failed: int
     inflight: int
-    trials_per_minute: float
     best_loss: float
+    completed_this_run: int = 0
+    elapsed: float = 0.0  # seconds since this run started
 
 
 class ProgressReporter:
     """Shows :class:`Snapshot` updates; a bar on a TTY, periodic log lines elsewhere."""
 
-    def __init__(self, *, interactive: bool | None = None, log_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        *,
+        interactive: bool | None = None,
+        log_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.interactive = sys.stderr.isatty() if interactive is None else interactive
         self.log_interval = log_interval
+        self._window = TrailingWindow(RATE_WINDOW_SECONDS, clock)
+        self._seen_completed = 0
         self._last_log = 0.0
         self._bar: Progress | None = None
         self._task = None
@@ -52,10 +75,22 @@ class ProgressReporter:
         if self._bar is not None:
             self._bar.stop()
 
+    def rate(self, snapshot: Snapshot, *, whole_run: bool = False) -> float:
+        """Trials per minute: over the trailing minute (or the run so far, if shorter)."""
+        if whole_run:
+            return trials_per_minute(snapshot.completed_this_run, snapshot.elapsed)
+        return trials_per_minute(self._window.total(), self._window.span())
+
     def update(self, snapshot: Snapshot, *, force: bool = False) -> None:
+        """Show a snapshot; ``force`` (the run's last line) shows the whole run's rate."""
+        if snapshot.completed_this_run > self._seen_completed:
+            self._window.add(snapshot.completed_this_run - self._seen_completed)
+            self._seen_completed = snapshot.completed_this_run
+        window = "run" if force else "1 min"
         status = (
-            f"{snapshot.trials_per_minute:7.1f} trials/min  best {snapshot.best_loss:.5g}  "
-            f"failed {snapshot.failed}  in flight {snapshot.inflight}"
+            f"{self.rate(snapshot, whole_run=force):7.1f} trials/min ({window})  "
+            f"best {snapshot.best_loss:.5g}  failed {snapshot.failed}  "
+            f"in flight {snapshot.inflight}"
         )
         if self._bar is not None and self._task is not None:
             self._bar.update(

@@ -5,20 +5,28 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections import Counter
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from simcal.config import CalibrationConfig
 from simcal.driver import RunStats
+from simcal.progress import trials_per_minute
 from simcal.storage import FAIL_REASON, INTERRUPTED
 
 
-def trial_row(trial: FrozenTrial) -> dict[str, Any]:
-    """One stored trial as a flat row: number, state, loss, reason, params, per-target losses."""
+def trial_row(
+    trial: FrozenTrial, config: CalibrationConfig | None = None, best: int | None = None
+) -> dict[str, Any]:
+    """One stored trial as a flat row: number, state, loss, reason, params, per-target losses.
+
+    With ``config``, parameters and per-target losses come in the config's order; ``best`` is
+    the number of the best trial, marked in the ``best`` column.
+    """
     row: dict[str, Any] = {
+        "best": trial.number == best if best is not None else None,
         "number": trial.number,
         "state": trial.state.name,
         "loss": trial.value if trial.state == TrialState.COMPLETE else None,
@@ -27,9 +35,29 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "retry_of": trial.user_attrs.get("retry_of"),
         "duration_seconds": trial.user_attrs.get("duration_seconds"),
     }
-    row.update({f"param_{k}": v for k, v in trial.params.items()})
-    row.update({k: v for k, v in trial.user_attrs.items() if k.startswith("loss_")})
+    params = list(config.parameters) if config else list(trial.params)
+    params += [name for name in trial.params if name not in params]
+    row.update({f"param_{k}": trial.params[k] for k in params if k in trial.params})
+    losses = [f"loss_{t.name}" for t in config.targets] if config else []
+    losses += sorted(k for k in trial.user_attrs if k.startswith("loss_") and k not in losses)
+    row.update({k: trial.user_attrs[k] for k in losses if k in trial.user_attrs})
     return row
+
+
+def trial_rows(
+    trials: list[FrozenTrial], config: CalibrationConfig | None = None, *, sort: str = "number"
+) -> list[dict[str, Any]]:
+    """Every trial as a row, the best marked; ``sort="loss"``: completed best first, then
+    the rest by number."""
+    completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = min(completed, key=lambda t: (t.value, t.number)).number if completed else -1
+    done = {t.number for t in completed}
+    if sort == "loss":
+        trials = sorted(
+            trials,
+            key=lambda t: (0, t.value, t.number) if t.number in done else (1, 0.0, t.number),
+        )
+    return [trial_row(t, config, best) for t in trials]
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
@@ -55,7 +83,6 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
     ]
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     best = min(completed, key=lambda t: t.value) if completed else None
-    minutes = stats.elapsed / 60 if stats.elapsed > 0 else math.nan
     return {
         "study": study.study_name,
         "n_trials": len(completed) + len(failed) + len(pruned),
@@ -65,7 +92,7 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "n_interrupted": sum(1 for t in trials if t.user_attrs.get(FAIL_REASON) == INTERRUPTED),
         "best_params": best.params if best else None,
         "best_loss": best.value if best else None,
-        "trials_per_minute": round(stats.completed / minutes, 3) if stats.completed else 0.0,
+        "trials_per_minute": round(trials_per_minute(stats.completed, stats.elapsed), 3),
         "errors": dict(Counter(t.user_attrs.get(FAIL_REASON, "unknown") for t in failed)),
         "this_run": {
             "completed": stats.completed,

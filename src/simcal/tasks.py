@@ -17,6 +17,9 @@ from simcal.failures import AggregationError, ModelOutputError, NonFiniteLossErr
 
 WHOLE_OUTPUT = ""
 MAX_OUTPUT_ELEMENTS = 10_000_000
+SUMMARY_POINTS = 500
+SUMMARY_QUANTILES = (0.05, 0.5, 0.95)
+FIT_ATTR_PREFIX = "fit_"  # trial user attr ``fit_<target>``: a replicate summary
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class TargetLoss:
     loss: float
     replicate_seconds: float
     aggregation_seconds: float
+    summary: dict[str, list[float]] | None = None
 
 
 def _as_array(name: str, value: Any) -> np.ndarray:
@@ -85,6 +89,26 @@ def _select(replicate: ReplicateOutput, key: str) -> np.ndarray:
     raise ModelOutputError(f"model output has no {key!r}; it has {sorted(replicate.outputs)}")
 
 
+def summarize_replicates(
+    arrays: list[np.ndarray], max_points: int = SUMMARY_POINTS
+) -> dict[str, list[float]]:
+    """The replicates of one output as its 5 %, 50 % and 95 % quantiles per point, bounded.
+
+    Each replicate is flattened; at most ``max_points`` evenly spaced points are kept, ``x``
+    says which (positions in the flattened output). Values keep 6 significant digits, so a
+    summary is at most about 25 kB of JSON whatever the model returns.
+    """
+    stacked = np.stack([np.ravel(array) for array in arrays])
+    size = stacked.shape[1]
+    x = np.unique(np.linspace(0, size - 1, min(size, max_points)).round().astype(int))
+    q05, q50, q95 = np.quantile(stacked[:, x], SUMMARY_QUANTILES, axis=0)
+
+    def compact(values: np.ndarray) -> list[float]:
+        return [float(f"{value:.6g}") for value in values]
+
+    return {"x": x.tolist(), "q05": compact(q05), "median": compact(q50), "q95": compact(q95)}
+
+
 def aggregate(
     target: str,
     output_key: str,
@@ -113,4 +137,5 @@ def aggregate(
     if not np.isfinite(value):
         raise NonFiniteLossError(f"target {target!r}: loss is {value}")
     replicate_seconds = sum(replicate.seconds for replicate in replicates)
-    return TargetLoss(target, value, replicate_seconds, time.perf_counter() - start)
+    summary = summarize_replicates(arrays)
+    return TargetLoss(target, value, replicate_seconds, time.perf_counter() - start, summary)

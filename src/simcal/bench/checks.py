@@ -56,6 +56,11 @@ def _worst_batch_sequential_ratio(results: Results) -> float | None:
     return max(ratios) if ratios else None
 
 
+def _report_share(results: Results) -> float | None:
+    rows = [r for r in results.get("report_cost", []) if (r["workers"], r["duration"]) == (8, 0.2)]
+    return rows[0]["cpu_share_at_default_interval"] if rows else None
+
+
 TARGETS: list[tuple[str, str, float, Callable[[Results], float | None]]] = [
     # (name, comparison, threshold, value)
     ("streaming efficiency, W=8 d=0.2s", ">=", 0.95, _efficiency(8, 0.2)),
@@ -69,6 +74,8 @@ TARGETS: list[tuple[str, str, float, Callable[[Results], float | None]]] = [
         BATCH_SEQUENTIAL_MAX_RATIO,
         _worst_batch_sequential_ratio,
     ),
+    ("live report CPU share of driver time (30 s interval), W=8 d=0.2s", "<=", 0.02,
+     _report_share),
 ]
 
 

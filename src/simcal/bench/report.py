@@ -77,6 +77,23 @@ def to_markdown(results: Results) -> str:
                 ("trials", lambda r: r["completed"]),
             ],
         ),
+        "## Live report cost (regenerated every 2 s in a run, against a run without it)",
+        markdown_table(
+            results.get("report_cost", []),
+            [
+                ("W", lambda r: r["workers"]),
+                ("d (s)", lambda r: r["duration"]),
+                ("reports", lambda r: r["reports"]),
+                ("s/report", lambda r: r["seconds_per_report"]),
+                ("share every 2 s", lambda r: r["share_at_bench_interval"]),
+                ("share every 30 s", lambda r: r["share_at_default_interval"]),
+                ("CPU s/report", lambda r: r["cpu_seconds_per_report"]),
+                ("CPU share every 30 s", lambda r: r["cpu_share_at_default_interval"]),
+                ("trials/min with", lambda r: r["trials_per_minute_with_report"]),
+                ("trials/min without", lambda r: r["trials_per_minute_without_report"]),
+                ("with / without", lambda r: r["throughput_ratio"]),
+            ],
+        ),
         "## Raw Dask baseline (replicate tasks, no optimizer)",
         markdown_table(
             raw,

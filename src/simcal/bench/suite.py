@@ -18,6 +18,7 @@ from simcal.bench.checks import check_targets
 from simcal.bench.gather_bench import gather_costs
 from simcal.bench.optimizer_cost import ask_tell_cost
 from simcal.bench.raw_dask import raw_task_rate
+from simcal.bench.report_cost import live_report_cost
 from simcal.bench.throughput import STORAGES, calibration_throughput, mode_names
 from simcal.bench.workload import Workload, aggregation_seconds
 from simcal.cluster import ClusterOptions, connect
@@ -128,6 +129,9 @@ def _on_cluster(settings: Settings, workers: int, storage: str, results: dict) -
                         client, workload, mode, settings.run_seconds(workload), storage
                     )
                 )
+            if duration == min(settings.durations, key=lambda d: abs(d - 0.2)):
+                seconds = max(settings.run_seconds(workload), 2 * settings.seconds)
+                results["report_cost"].append(live_report_cost(client, workload, seconds))
 
 
 def run_suite(settings: Settings, storage: str = "memory") -> dict[str, Any]:
@@ -141,6 +145,7 @@ def run_suite(settings: Settings, storage: str = "memory") -> dict[str, Any]:
         "gather": [],
         "raw_dask": [],
         "throughput": [],
+        "report_cost": [],
     }
     for optimizer_storage in STORAGES:
         results["optimizer_cost"] += ask_tell_cost(
