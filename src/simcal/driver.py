@@ -35,7 +35,7 @@ from simcal.storage import (
     tell,
     with_retries,
 )
-from simcal.targets import load_observed, loss_function
+from simcal.targets import BUILTIN, load_observed
 from simcal.tasks import TargetLoss
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ class Calibration:
             for name, spec in config.parameters.items()
         }
         self._targets = [
-            (target, load_observed(target), loss_function(target.loss)) for target in config.targets
+            # a user's loss travels as its reference, imported on the worker (simcal.tasks)
+            (target, load_observed(target), BUILTIN.get(target.loss) or target.loss)
+            for target in config.targets
         ]
         self._inflight: dict[int, TrialRun] = {}
         self._by_key: dict[str, TrialRun] = {}
@@ -297,14 +299,23 @@ class Calibration:
         if run is None:
             return  # a trial already told (failed early, timed out or interrupted)
         if isinstance(outcome, BaseException):
-            if classify(outcome) is FailureReason.CANCELLED and not self._connected():
-                raise SchedulerLostError("lost the connection to the Dask scheduler")
+            if classify(outcome) is FailureReason.CANCELLED:
+                if not self._connected():
+                    raise SchedulerLostError("lost the connection to the Dask scheduler")
+                outcome = self._replicate_error(run) or outcome
             self._fail(run, outcome)
             return
         assert isinstance(outcome, TargetLoss), f"unexpected aggregation result {outcome!r}"
         run.losses[outcome.target] = outcome
         if len(run.losses) == len(run.aggregations):
             self._complete(run)
+
+    def _replicate_error(self, run: TrialRun) -> BaseException | None:
+        """Why an aggregation was cancelled: Dask cancels it when a replicate it depends on
+        erred on the scheduler (e.g. a task graph it cannot unpickle: ``model_import``)."""
+        erred = [f for f in run.replicates if f.status == "error"]
+        errors = [o for o in self.service.gather(erred[:1]) if isinstance(o, BaseException)]
+        return errors[0] if errors else None
 
     def _release(self, run: TrialRun) -> float:
         self._inflight.pop(run.trial.number, None)

@@ -1,0 +1,185 @@
+"""The probe before the first trial: every worker imports the model, one call fits the targets.
+
+``simcal run`` calls :func:`probe_cluster` once, after connecting and before asking the
+optimizer for anything, so a broken setup fails fast and no trial counts against the budget:
+
+1. every connected worker imports the model and each user loss (``Client.run``: one probe
+   task per worker); a worker that cannot, while the driver can import the module as local
+   code, gets it shipped (:mod:`simcal.shipping`) and is probed again;
+2. one replicate of the model runs on the cluster for the *probe parameters*: the midpoint
+   of every parameter's range (the geometric midpoint on a log scale), with the config's
+   seed; its outputs must have every target's output key with the observed data's shape,
+   and each target's loss must accept them.
+
+Any failure raises :class:`ProbeError` naming the module, the worker and the real exception,
+or the key/shape mismatch (``simcal run`` exits 1). ``simcal check-config --probe`` runs
+step 2 in-process with :func:`probe_locally` (exit 2 on failure: the config does not work).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from simcal.config import CalibrationConfig
+from simcal.failures import describe
+from simcal.service import SimulationService
+from simcal.shipping import ship, top_module
+from simcal.targets import BUILTIN, load_observed, loss_function
+from simcal.tasks import WHOLE_OUTPUT, ReplicateOutput, resolve_on_worker, run_replicate
+
+log = logging.getLogger(__name__)
+
+
+class ProbeError(RuntimeError):
+    """The cluster cannot run the model, or the model's output does not fit the targets."""
+
+
+def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
+    """The midpoint of every parameter's range (geometric on a log scale)."""
+    return {
+        name: math.sqrt(spec.low * spec.high) if spec.log else (spec.low + spec.high) / 2
+        for name, spec in config.parameters.items()
+    }
+
+
+def references(config: CalibrationConfig) -> list[str]:
+    """The ``module:callable`` references workers import: the model and each user loss."""
+    losses = [t.loss for t in config.targets if t.loss not in BUILTIN]
+    return list(dict.fromkeys([config.model, *losses]))
+
+
+def import_references(refs: Sequence[str]) -> int:
+    """Runs on a worker: import every reference (raises ModelImportError naming the worker)."""
+    importlib.invalidate_caches()  # a module uploaded a moment ago
+    for reference in refs:
+        resolve_on_worker(reference)
+    return len(refs)
+
+
+def import_failures(service: SimulationService, refs: Sequence[str]) -> dict[str, BaseException]:
+    """Worker address -> the exception it raised importing ``refs`` (empty: all could)."""
+    results = service.client.run(import_references, list(refs), on_error="return")
+    return {worker: r for worker, r in sorted(results.items()) if isinstance(r, BaseException)}
+
+
+def check_output(
+    config: CalibrationConfig,
+    output: ReplicateOutput,
+    observed: Mapping[str, np.ndarray],
+) -> list[str]:
+    """What is wrong with one replicate's output for the config's targets (empty: nothing)."""
+    problems = []
+    have = sorted(key or "<the returned array>" for key in output.outputs)
+    for target in config.targets:
+        key = target.output_key
+        array = output.outputs.get(key, output.outputs.get(WHOLE_OUTPUT))
+        if array is None:
+            problems.append(f"target {target.name!r}: model output has no {key!r}; it has {have}")
+            continue
+        expected = observed[target.name].shape
+        if array.shape != expected:
+            problems.append(
+                f"target {target.name!r}: model output {key!r} has shape {array.shape}, "
+                f"the observed data has shape {expected}"
+            )
+            continue
+        try:
+            loss = loss_function(target.loss)
+            value = float(loss(array[np.newaxis, ...], observed[target.name]))
+        except Exception as exc:  # the user's loss: report whatever it raised
+            problems.append(f"target {target.name!r}: loss {target.loss!r} failed: {describe(exc)}")
+            continue
+        if not math.isfinite(value):
+            log.warning(
+                "probe: target %r: loss is %s at the probe parameters", target.name, value
+            )
+    return problems
+
+
+def _fail(what: str, problems: Sequence[str], params: Mapping[str, float]) -> ProbeError:
+    shown = ", ".join(f"{k}={v:.6g}" for k, v in params.items())
+    lines = "\n".join(f"  {p}" for p in problems)
+    return ProbeError(f"probe failed: {what} (probe parameters: {shown}):\n{lines}")
+
+
+def _on(worker: str, text: str) -> str:
+    return text if worker in text else f"worker {worker}: {text}"
+
+
+def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list[str]:
+    """Probe every worker, ship local code where needed, run one replicate; returns what was
+    shipped (module names). Raises :class:`ProbeError` on any failure."""
+    refs = references(config)
+    failures = import_failures(service, refs)
+    shipped: list[str] = []
+    if failures:
+        modules = [top_module(r) for r in refs]
+        try:
+            shipped = [str(path) for path in ship(service.client, modules)]
+        except Exception as exc:  # a worker's import of the upload failed
+            raise ProbeError(
+                f"probe failed: shipping {', '.join(modules)} to the workers failed: "
+                f"{describe(exc)}"
+            ) from None
+        if shipped:
+            failures = import_failures(service, refs)
+    if failures:
+        lines = [_on(worker, describe(error)) for worker, error in failures.items()]
+        hint = (
+            "install the model in the workers' image, or run the driver where the model is "
+            "a local module or package it can ship"
+        )
+        raise ProbeError(
+            f"probe failed: {len(failures)} worker(s) cannot import {', '.join(refs)} ({hint}):\n"
+            + "\n".join(f"  {line}" for line in lines)
+        )
+    params = probe_parameters(config)
+    [future] = service.submit_replicates(
+        config.model,
+        params,
+        1,
+        config.seed,
+        trial_id="probe",
+        model_options=config.model_options,
+    )
+    [outcome] = service.gather([future], timeout=config.trial_timeout)
+    if isinstance(outcome, BaseException):
+        raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+    assert isinstance(outcome, ReplicateOutput), f"unexpected probe result {outcome!r}"
+    observed = {t.name: load_observed(t) for t in config.targets}
+    problems = check_output(config, outcome, observed)
+    if problems:
+        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+    log.info(
+        "probe: %d worker(s) import %s; one call at the probe parameters fits every target",
+        len(service.client.scheduler_info(n_workers=-1)["workers"]),
+        ", ".join(refs),
+    )
+    return shipped
+
+
+def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
+    """``check-config --probe``: one in-process call at the probe parameters, checked.
+
+    Returns what the model produced (key -> shape); raises :class:`ProbeError`.
+    """
+    params = probe_parameters(config)
+    try:
+        output = run_replicate(config.model, params, config.seed, config.model_options)
+    except Exception as exc:  # the user's model: report whatever it raised
+        raise _fail(f"one call of {config.model}", [describe(exc)], params) from None
+    observed = {t.name: load_observed(t) for t in config.targets}
+    problems = check_output(config, output, observed)
+    if problems:
+        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+    return {
+        "parameters": params,
+        "outputs": {key or "<array>": list(a.shape) for key, a in output.outputs.items()},
+        "seconds": round(output.seconds, 4),
+    }
