@@ -64,6 +64,7 @@ def _fresh_mysir(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.delitem(sys.modules, "mysir", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_config appends the config's folder
 
 
 def _project(folder: Path, *, source: str = MODEL, **fields: object) -> Path:
