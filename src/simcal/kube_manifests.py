@@ -157,3 +157,44 @@ class Submission:
             if self.min_workers is not None:
                 _arg(container.get("args", []), "--min-workers", str(self.min_workers))
         return spec
+
+    def results_job(self, study: str, output_format: str = "csv") -> dict[str, Any]:
+        """A Job that prints ``simcal results`` of ``study`` from the release's storage (its PVC
+        or its Secret's URL) to its log: the release's driver pod, running ``simcal results``."""
+        spec = copy.deepcopy(dict(self.pod_template["spec"]))
+        spec["restartPolicy"] = "Never"
+        spec["terminationGracePeriodSeconds"] = 30
+        for container in spec.get("containers", []):
+            if container.get("name") != "driver":
+                continue
+            args = container.get("args", [])
+            storage = args[args.index("--storage") : args.index("--storage") + 2] if (
+                "--storage" in args
+            ) else []  # else $SIMCAL_STORAGE from the release's Secret
+            container["args"] = [
+                "simcal", "results", "--study", study, "--format", output_format, *storage
+            ]
+            container["name"] = "results"
+            for key in ("ports", "readinessProbe", "livenessProbe"):
+                container.pop(key, None)
+            container["volumeMounts"] = [  # no calibration config: only storage is read
+                m for m in container.get("volumeMounts", []) if m.get("name") != "config"
+            ]
+            if self.image:
+                container["image"] = self.image
+        spec["volumes"] = [v for v in spec.get("volumes", []) if v.get("name") != "config"]
+        labels = self.labels("results")
+        return {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "generateName": f"{self.release}-results-",
+                "namespace": self.namespace,
+                "labels": labels,
+            },
+            "spec": {
+                "backoffLimit": 2,
+                "ttlSecondsAfterFinished": 24 * 3600,
+                "template": {"metadata": {"labels": dict(labels)}, "spec": spec},
+            },
+        }

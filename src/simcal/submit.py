@@ -56,7 +56,14 @@ def add_submit_parser(commands: argparse._SubParsersAction) -> None:
         "submit", help="run a calibration as a Kubernetes Job against an installed release"
     )
     submit.add_argument("--release", required=True, type=_release, help="the Helm release name")
-    submit.add_argument("--config", required=True, type=Path, help="calibration YAML")
+    submit.add_argument("--config", type=Path, help="calibration YAML (required unless --results)")
+    submit.add_argument(
+        "--results",
+        metavar="STUDY",
+        help="instead of a calibration: a Job printing `simcal results` of STUDY from the "
+        "release's storage to its log (kubectl logs job/NAME > results.csv)",
+    )
+    submit.add_argument("--format", choices=("csv", "json"), default="csv", help="with --results")
     submit.add_argument(
         "--namespace", default="default", type=_namespace, help="the release's namespace"
     )
@@ -105,6 +112,23 @@ def submission(args: argparse.Namespace, pod_template: dict[str, Any]) -> Submis
     )
 
 
+def _results(args: argparse.Namespace, template: dict[str, Any]) -> int:
+    job = Submission(args.release, args.namespace, {}, template, image=args.image)
+    manifest = job.results_job(args.results, args.format)
+    if args.dry_run:
+        sys.stdout.write(to_yaml([manifest]))
+        return EXIT_OK
+    try:
+        name = create_job(job.namespace, manifest)
+    except SubmitError as exc:
+        print(f"simcal: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"job.batch/{name} created in namespace {job.namespace}")
+    print(f"kubectl wait -n {job.namespace} --for=condition=complete job/{name}")
+    print(f"kubectl logs -n {job.namespace} job/{name} > {args.results}.{args.format}")
+    return EXIT_OK
+
+
 class _LiteralDumper(yaml.SafeDumper):
     """Multi-line strings (the config) as YAML literal blocks."""
 
@@ -124,7 +148,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """``simcal submit``: create the ConfigMap and the Job, or print them (``--dry-run``)."""
     if not args.dry_run and (args.template or args.values or args.chart):
         raise ConfigError("--template, --values and --chart only go with --dry-run")
-    load_config(args.config)  # a bad config is reported before any cluster is asked
+    if (args.config is None) == (args.results is None):
+        raise ConfigError("give either --config FILE (a calibration) or --results STUDY")
+    if args.config is not None:
+        load_config(args.config)  # a bad config is reported before any cluster is asked
     try:
         if args.dry_run:
             template = template_for_dry_run(args)
@@ -133,6 +160,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except SubmitError as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    if args.results is not None:
+        return _results(args, template)
     job = submission(args, template)
     for note in job.notes:
         print(f"simcal: note: {note}", file=sys.stderr)
@@ -166,6 +195,21 @@ def create(job: Submission) -> str:
                 raise
             print(f"configmap/{job.config_map_name} exists (same content): reused")
         created = client.BatchV1Api().create_namespaced_job(job.namespace, job_manifest)
+    except ApiException as exc:
+        raise SubmitError(f"the Kubernetes API refused: {_api_message(exc)}") from None
+    except HTTPError as exc:
+        raise SubmitError(f"cannot reach the Kubernetes API: {exc}") from None
+    return str(created.metadata.name)
+
+
+def create_job(namespace: str, manifest: dict[str, Any]) -> str:
+    """Create one Job; return its generated name."""
+    client = kube_client()
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        created = client.BatchV1Api().create_namespaced_job(namespace, manifest)
     except ApiException as exc:
         raise SubmitError(f"the Kubernetes API refused: {_api_message(exc)}") from None
     except HTTPError as exc:
