@@ -314,6 +314,8 @@ RELEASE_VALUES: dict[str, Any] = {
     "driver": {
         "resources": {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"memory": "6Gi"}},
         "nodeSelector": {"pool": "calibration"},
+        "extraVolumes": [{"name": "input", "persistentVolumeClaim": {"claimName": "epi-data"}}],
+        "extraVolumeMounts": [{"name": "input", "mountPath": "/input", "readOnly": True}],
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "calibration",
                          "effect": "NoSchedule"}],
     },
@@ -350,6 +352,8 @@ def test_submitted_job_carries_the_releases_settings(api, capsys, tmp_path, vers
     assert env["SIMCAL_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == "demo-pg"
     assert pod["nodeSelector"] == {"pool": "calibration"}
     assert pod["tolerations"][0]["key"] == "dedicated"
+    assert volumes["input"]["persistentVolumeClaim"]["claimName"] == "epi-data"
+    assert {"name": "input", "mountPath": "/input", "readOnly": True} in driver["volumeMounts"]
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
 
 
@@ -425,3 +429,29 @@ def test_a_package_too_large_for_a_config_map_exits_2(capsys, tmp_path, monkeypa
     assert main(["submit", "--release", "r", "--config", str(config), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "more than a ConfigMap holds" in err and "examples/Dockerfile" in err
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own-model"
+
+
+@pytest.mark.parametrize("values", ["values.yaml", "values-volume.yaml"])
+def test_the_own_model_example_values_render_valid_manifests(values):
+    """examples/own-model: the image values, and the data-on-a-volume alternative, whose
+    driver Job mounts the existing PVC where the calibration reads its observed data."""
+    objects = render(yaml.safe_load((EXAMPLE / values).read_text(encoding="utf-8")))
+    for obj in objects:
+        if obj["kind"] in ("Job", "ConfigMap", "Pod"):
+            validate_builtin(obj, kube_versions()[-1])
+    template = find(objects, "ConfigMap", "simcal-driver-template")
+    pod = yaml.safe_load(template["data"]["pod-template.yaml"])["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/epi/simcal-mysir:1.0.0"
+    if values == "values-volume.yaml":
+        job = find(objects, "Job")
+        assert job["spec"]["template"]["spec"] == pod
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["input"]["persistentVolumeClaim"]["claimName"] == "epi-data"
+        calibration = yaml.safe_load(find(objects, "ConfigMap", "simcal-calibration")["data"][
+            "calibration.yaml"
+        ])
+        assert calibration["targets"][0]["observed"] == "/input/incidence.csv"
+        assert calibration["model"] == "mysir:simulate"

@@ -98,6 +98,9 @@ spec:
           mountPath: /data
         {{- end }}
         {{- include "simcal.writableMounts" . | nindent 8 }}
+    {{- with $d.extraVolumeMounts }}
+    {{- toYaml . | nindent 8 }}
+    {{- end }}
         {{- if $tls }}
         {{- include "simcal.tlsMount" . | nindent 8 }}
         {{- end }}
@@ -111,6 +114,9 @@ spec:
         claimName: {{ include "simcal.pvcName" . }}
     {{- end }}
     {{- include "simcal.writableVolumes" . | nindent 4 }}
+    {{- with $d.extraVolumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     {{- if $tls }}
     {{- include "simcal.tlsVolume" . | nindent 4 }}
     {{- end }}
