@@ -11,8 +11,11 @@ optimizer for anything, so a broken setup fails fast and no trial counts against
    seed; its outputs must have every target's output key with the observed data's shape,
    and each target's loss must accept them.
 
-Any failure raises :class:`ProbeError` naming the module, the worker and the real exception,
-or the key/shape mismatch (``simcal run`` exits 1). ``simcal check-config --probe`` runs
+A worker that cannot import, an output that is not arrays, or a key/shape mismatch raises
+:class:`ProbeError` naming the module, the worker and the real exception, or the mismatch
+(``simcal run`` exits 1): every trial would fail the same way. An exception of the model's
+own at the probe parameters (or a hang, or a lost worker) is only logged: a stochastic model
+may fail at one point, and trials tell their own failures. ``simcal check-config --probe`` runs
 step 2 in-process with :func:`probe_locally` (exit 2 on failure: the config does not work).
 """
 
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from simcal.config import CalibrationConfig
-from simcal.failures import describe
+from simcal.failures import FailureReason, ModelOutputError, classify, describe
 from simcal.service import SimulationService
 from simcal.shipping import ship, top_module
 from simcal.targets import BUILTIN, load_observed, loss_function
@@ -150,7 +153,22 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
     )
     [outcome] = service.gather([future], timeout=config.trial_timeout)
     if isinstance(outcome, BaseException):
-        raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+        if classify(outcome) is FailureReason.MODEL_IMPORT or isinstance(
+            outcome, ModelOutputError
+        ):  # every trial would fail the same way
+            raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+        # An error of the model's own at one point (or a hang, a lost worker) is what trials
+        # tell, one by one; it says nothing about the setup.
+        log.warning(
+            "probe: one call of %s at the probe parameters failed (%s); the import check "
+            "passed, so the calibration starts and each trial tells its own outcome",
+            config.model,
+            describe(outcome),
+        )
+        service.cancel([future])
+        if isinstance(outcome, TimeoutError):
+            service.restart_stuck_workers([future])
+        return shipped
     assert isinstance(outcome, ReplicateOutput), f"unexpected probe result {outcome!r}"
     observed = {t.name: load_observed(t) for t in config.targets}
     problems = check_output(config, outcome, observed)
