@@ -34,7 +34,7 @@ from simcal.failures import (
     ModelImportError,
     classify,
 )
-from simcal.probe import ProbeError, probe_locally, probe_parameters
+from simcal.probe import ProbeError, probe_cluster, probe_locally, probe_parameters
 from simcal.shipping import local_code
 from simcal.tasks import resolve_on_worker
 
@@ -242,3 +242,33 @@ def test_late_worker_without_the_model_fails_trials_as_model_import(tmp_path: Pa
     errors = {t.user_attrs["error"] for t in trials if t.state == TrialState.FAIL}
     assert all("No module named 'mysir'" in e and "worker tcp://" in e for e in errors), errors
     assert np.isfinite([t.value for t in trials if t.state == TrialState.COMPLETE]).all()
+
+
+# -- the probe against the session's LocalCluster ----------------------------------------------
+
+
+def _synthetic(tmp_path: Path, **fields: object):
+    from conftest import write_config
+
+    return load_config(write_config(tmp_path, **fields))
+
+
+def test_probe_cluster_fails_on_a_shape_mismatch_and_passes_a_fitting_model(client, tmp_path):
+    from simcal.service import SimulationService
+
+    service = SimulationService(client)
+    assert probe_cluster(service, _synthetic(tmp_path)) == []  # nothing to ship
+    (tmp_path / "short.csv").write_text("y\n0\n0\n0\n", encoding="utf-8")
+    wrong = _synthetic(tmp_path, targets=[{"name": "y", "observed": "short.csv"}])
+    with pytest.raises(ProbeError, match=r"the observed data has shape \(3,\)"):
+        probe_cluster(service, wrong)
+
+
+def test_probe_cluster_only_logs_a_models_own_error(client, tmp_path, caplog):
+    """A model that raises at the probe point (here: always) is the trials' business."""
+    from simcal.service import SimulationService
+
+    config = _synthetic(tmp_path, model_options={"error_rate": 1.0})
+    with caplog.at_level("WARNING", logger="simcal.probe"):
+        probe_cluster(SimulationService(client), config)
+    assert "SyntheticModelError" in caplog.text
