@@ -185,13 +185,23 @@ def test_local_model_is_shipped_to_workers_that_lack_it_and_to_late_joiners(
             start_workers(address, tmp_path, name="late", env={**env, "MYSIR_GROUP": "late"})
         )
         assert driver.wait(300) == 0, driver.output()[-3000:]
+        groups = {path.name.split("-")[0] for path in marks.iterdir()}
+        assert groups == {"first", "late"}, "the worker that joined later ran no replicate"
+        # The team edits mysir.py and runs again on the same cluster: the workers, which
+        # imported the first version, get the new one (compared by hash) and reload it.
+        edited = MODEL.replace("os.environ.get('MYSIR_GROUP', 'first')", "'edited'")
+        (config.parent / "mysir.py").write_text(edited, encoding="utf-8")
+        again = simcal_run(config, tmp_path, "--scheduler", address, "--min-workers", "2",
+                           "--max-trials", "44", name="again")
+        procs.append(again)
+        assert again.wait(300) == 0, again.output()[-3000:]
+        assert "shipped module mysir" in again.output()
     trials = stored_trials(f"sqlite:///{tmp_path / 'simcal.db'}", "mysir")
-    assert len(finished(trials)) == 40
+    assert len(finished(trials)) == 44
     assert all(t.state == TrialState.COMPLETE for t in trials), [
         t.user_attrs for t in trials if t.state != TrialState.COMPLETE
     ]
-    groups = {path.name.split("-")[0] for path in marks.iterdir()}
-    assert groups == {"first", "late"}, "the worker that joined later ran no replicate"
+    assert any(path.name.startswith("edited-") for path in marks.iterdir())
 
 
 def test_model_no_worker_can_import_fails_fast_naming_worker_and_cause(tmp_path: Path) -> None:

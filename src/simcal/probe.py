@@ -4,8 +4,9 @@
 optimizer for anything, so a broken setup fails fast and no trial counts against the budget:
 
 1. every connected worker imports the model and each user loss (``Client.run``: one probe
-   task per worker); a worker that cannot, while the driver can import the module as local
-   code, gets it shipped (:mod:`simcal.shipping`) and is probed again;
+   task per worker); a worker that cannot, or that has another version of a local
+   single-file module than the driver (an edited ``mysir.py``: compared by SHA-256), gets the
+   driver's copy shipped (:mod:`simcal.shipping`), reloads it, and is probed again;
 2. one replicate of the model runs on the cluster for the *probe parameters*: the midpoint
    of every parameter's range (the geometric midpoint on a log scale), with the config's
    seed; its outputs must have every target's output key with the observed data's shape,
@@ -21,18 +22,27 @@ step 2 in-process with :func:`probe_locally` (exit 2 on failure: the config does
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import math
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from simcal.config import CalibrationConfig
-from simcal.failures import FailureReason, ModelOutputError, classify, describe
+from simcal.failures import (
+    FailureReason,
+    ModelImportError,
+    ModelOutputError,
+    classify,
+    describe,
+)
 from simcal.service import SimulationService
-from simcal.shipping import ship, top_module
+from simcal.shipping import local_code, ship, top_module
 from simcal.targets import BUILTIN, load_observed, loss_function
 from simcal.tasks import WHOLE_OUTPUT, ReplicateOutput, resolve_on_worker, run_replicate
 
@@ -57,18 +67,63 @@ def references(config: CalibrationConfig) -> list[str]:
     return list(dict.fromkeys([config.model, *losses]))
 
 
-def import_references(refs: Sequence[str]) -> int:
-    """Runs on a worker: import every reference (raises ModelImportError naming the worker)."""
+LOADED_DIGEST = "__simcal_sha256__"
+
+
+def import_references(refs: Sequence[str], sources: Mapping[str, str]) -> dict[str, str]:
+    """Runs on a worker: import every reference (raises ModelImportError naming the worker).
+
+    ``sources`` maps local single-file modules to the SHA-256 of the driver's copy: a module
+    this worker imported earlier from other contents (an older upload) is reloaded. Returns
+    the hash of each such module's file as this worker now has it.
+    """
     importlib.invalidate_caches()  # a module uploaded a moment ago
     for reference in refs:
         resolve_on_worker(reference)
-    return len(refs)
+    found = {}
+    for module, digest in sources.items():
+        loaded = sys.modules[module]
+        # The digest of what was loaded, not of the file now: an upload may have replaced it.
+        if getattr(loaded, LOADED_DIGEST, None) != digest:
+            loaded = importlib.reload(loaded)
+            setattr(loaded, LOADED_DIGEST, file_digest(loaded))
+        found[module] = getattr(loaded, LOADED_DIGEST)
+    return found
 
 
-def import_failures(service: SimulationService, refs: Sequence[str]) -> dict[str, BaseException]:
-    """Worker address -> the exception it raised importing ``refs`` (empty: all could)."""
-    results = service.client.run(import_references, list(refs), on_error="return")
-    return {worker: r for worker, r in sorted(results.items()) if isinstance(r, BaseException)}
+def file_digest(module: Any) -> str:
+    """SHA-256 of a module's source file ("" without one)."""
+    path = getattr(module, "__file__", None)
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else ""
+
+
+def import_failures(
+    service: SimulationService, refs: Sequence[str], sources: Mapping[str, str]
+) -> dict[str, BaseException]:
+    """Worker address -> why it cannot run ``refs`` as the driver has them (empty: all can):
+    the exception it raised importing them, or a ``ModelImportError`` for another version."""
+    results = service.client.run(import_references, list(refs), dict(sources), on_error="return")
+    failures: dict[str, BaseException] = {}
+    for worker, result in sorted(results.items()):
+        if isinstance(result, BaseException):
+            failures[worker] = result
+            continue
+        stale = sorted(m for m, digest in sources.items() if result.get(m) != digest)
+        if stale:
+            failures[worker] = ModelImportError(
+                f"worker {worker}: its {', '.join(stale)} differs from the driver's copy"
+            )
+    return failures
+
+
+def local_sources(refs: Sequence[str]) -> dict[str, str]:
+    """Top-level modules of ``refs`` that are local single files here -> their SHA-256."""
+    sources = {}
+    for module in dict.fromkeys(top_module(r) for r in refs):
+        path = local_code(module)
+        if path is not None and path.is_file():
+            sources[module] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sources
 
 
 def check_output(
@@ -119,7 +174,8 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
     """Probe every worker, ship local code where needed, run one replicate; returns what was
     shipped (module names). Raises :class:`ProbeError` on any failure."""
     refs = references(config)
-    failures = import_failures(service, refs)
+    sources = local_sources(refs)
+    failures = import_failures(service, refs, sources)
     shipped: list[str] = []
     if failures:
         modules = [top_module(r) for r in refs]
@@ -131,7 +187,7 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
                 f"{describe(exc)}"
             ) from None
         if shipped:
-            failures = import_failures(service, refs)
+            failures = import_failures(service, refs, sources)
     if failures:
         lines = [_on(worker, describe(error)) for worker, error in failures.items()]
         hint = (

@@ -1,9 +1,9 @@
 """Shipping a user's local model code to Dask workers that cannot import it.
 
 A model (or loss) module that the driver imports from a plain folder, not from an installed
-distribution, is uploaded with Dask's upload-file plugins (``Client.upload_file``: a scheduler
-and a worker plugin): a single module as its ``.py`` file, a package as a ``.zip`` that the
-workers put on ``sys.path``. Registered plugins also run on workers that join later.
+distribution, is uploaded with Dask's ``UploadFile`` worker plugin: a single module as its
+``.py`` file, a package as a ``.zip`` that the workers put on ``sys.path``. Registered
+plugins also run on workers that join later.
 Installed distributions are never shipped: they belong in the image.
 """
 
@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from distributed import Client
+from distributed.diagnostics.plugin import UploadFile
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,19 @@ def ship(client: Client, modules: Iterable[str]) -> list[Path]:
         source = local_code(module)
         if source is None:
             continue
+        # A worker plugin named by module: shipping again replaces it (late joiners get the
+        # latest copy). Workers only: tasks carry references, the scheduler never imports it.
+        name = f"simcal-ship-{module}"
         if source.is_dir():
             with tempfile.TemporaryDirectory(prefix="simcal-ship-") as folder:
                 archive = _zip_package(source, Path(folder))
-                client.upload_file(str(archive), load=True)  # loading puts the .zip on sys.path
+                # loading puts the .zip on sys.path (and imports the package)
+                client.register_plugin(UploadFile(str(archive), load=True), name=name)
         else:  # into each worker's local directory, on its sys.path; imported on first use
-            client.upload_file(str(source), load=False)
+            client.register_plugin(UploadFile(str(source), load=False), name=name)
         log.info(
-            "shipped %s %s (%s) to the scheduler and every worker, and to workers that join "
-            "later (Dask upload-file plugin)",
+            "shipped %s %s (%s) to every worker, and to workers that join later "
+            "(Dask UploadFile worker plugin)",
             "package" if source.is_dir() else "module",
             module,
             source,
