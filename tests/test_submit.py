@@ -455,3 +455,27 @@ def test_the_own_model_example_values_render_valid_manifests(values):
         ])
         assert calibration["targets"][0]["observed"] == "/input/incidence.csv"
         assert calibration["model"] == "mysir:simulate"
+
+
+@pytest.mark.parametrize("version", kube_versions())
+def test_results_job_reads_the_releases_storage(capsys, tmp_path, version):
+    """``--results STUDY``: the release's driver pod running ``simcal results`` on its storage
+    (PostgreSQL here: the URL from the release's Secret, no --storage, no PVC)."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"storage": {"existingSecret": "demo-pg"}}))
+    (job,) = dry_run(capsys, "--release", "demo", "--results", "mysir", "--format", "json",
+                     "--values", str(values))
+    validate_builtin(job, version)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["simcal", "results", "--study", "mysir", "--format", "json"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SIMCAL_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == "demo-pg"
+    assert job["metadata"]["generateName"] == "demo-results-"
+
+
+def test_config_and_results_go_alone(capsys, tmp_path):
+    path = write(tmp_path, CONFIG)
+    args = ["submit", "--release", "r", "--dry-run"]
+    assert main([*args, "--config", str(path), "--results", "s"]) == 2
+    assert main(args) == 2
+    assert "either --config FILE" in capsys.readouterr().err

@@ -150,8 +150,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise ConfigError("--template, --values and --chart only go with --dry-run")
     if (args.config is None) == (args.results is None):
         raise ConfigError("give either --config FILE (a calibration) or --results STUDY")
-    if args.config is not None:
-        load_config(args.config)  # a bad config is reported before any cluster is asked
+    if args.config is not None:  # bad input is reported before any cluster is asked
+        job_files(args.config, load_config(args.config))
     try:
         if args.dry_run:
             template = template_for_dry_run(args)
