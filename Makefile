@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench system-deps clean k8s-manifests
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ lint: $(VENV)/.test-installed
 ## bench: the short benchmark run (see docs/performance.md)
 bench: $(VENV)/.test-installed
 	$(BIN)/simcal bench --out bench-results
+
+## k8s-manifests: regenerate k8s/calibration-job.yaml from the chart (a test fails when stale)
+k8s-manifests: $(VENV)/.test-installed
+	$(BIN)/python scripts/k8s_manifests.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) simcal.db simcal-summary.json

@@ -211,15 +211,18 @@ def local_mounts(
     mounts: dict[str, str] = {}
     for mount in container_spec.get("volumeMounts", []):
         local = root / name / mount["name"]
-        local.mkdir(parents=True)
+        local.mkdir(parents=True, exist_ok=True)  # a pod of the same name again: same volume
         volume = volumes[mount["name"]]
         if "secret" in volume:
             data = (secrets or {})[volume["secret"]["secretName"]]
             for item in volume["secret"]["items"]:
                 (local / item["path"]).write_bytes(data[item["key"]])
         elif "configMap" in volume:
-            for file, text in config_maps[volume["configMap"]["name"]].items():
-                (local / file).write_text(text, encoding="utf-8")
+            data = config_maps[volume["configMap"]["name"]]
+            items = volume["configMap"].get("items") or [{"key": k, "path": k} for k in data]
+            for item in items:  # each key at its path, folders made as the kubelet does
+                (local / item["path"]).parent.mkdir(parents=True, exist_ok=True)
+                (local / item["path"]).write_text(data[item["key"]], encoding="utf-8")
         mounts[mount["mountPath"]] = str(local)
     return mounts
 

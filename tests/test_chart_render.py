@@ -107,6 +107,7 @@ def test_default_render_creates_the_documented_resources(default_objects):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in default_objects)
     expected = [
         ("ConfigMap", "simcal-calibration"),
+        ("ConfigMap", "simcal-driver-template"),
         ("DaskCluster", "simcal"),
         ("Job", "simcal-driver-1"),
         ("NetworkPolicy", "simcal-driver"),

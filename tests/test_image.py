@@ -60,6 +60,11 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_hadolint_passes_the_own_model_example():
+    result = hadolint(REPO / "examples" / "own-model" / "Dockerfile")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_hadolint_requires_the_oci_labels(tmp_path):
     """The label schema in .hadolint.yaml is live: a Dockerfile without the title label fails."""
     text = (REPO / "Dockerfile").read_text(encoding="utf-8")
@@ -284,3 +289,29 @@ def test_calibration_in_containers(podman, image, tmp_path):
     finally:
         podman("rm", "--force", "--ignore", "--time=0", *names, check=False)
     assert_calibrated(summary, f"sqlite:///{data}/simcal.db", "synthetic-test", TRIALS, WORKERS)
+
+
+@PODMAN_TIMEOUT
+def test_own_model_image_from_simcals_installs_the_users_package(podman, image):
+    """examples/own-model/Dockerfile: FROM simcal's image, pip install of the team's package;
+    the result imports mysir from site-packages as uid 1000 and runs it, and simcal is there."""
+    secret = [f"--secret=id=ca-bundle,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
+    iidfile = CACHE / f"iid-{uuid.uuid4().hex}"
+    with _locked("build"):
+        podman(
+            "build", "--network=host", *podman.ulimits, *secret,
+            f"--build-arg=SIMCAL_IMAGE={image}", f"--iidfile={iidfile}",
+            "--tag=localhost/simcal-mysir:test", str(REPO / "examples" / "own-model"),
+            timeout=1200,
+        )
+    own = iidfile.read_text(encoding="utf-8").strip()
+    iidfile.unlink()
+    probe = (
+        "import mysir, simcal; "
+        "out = mysir.simulate({'beta': 0.3, 'gamma': 0.1}, 1)['incidence']; "
+        "print(mysir.__file__, len(out), simcal.__version__)"
+    )
+    printed = podman(*podman.run_args(own, "python", "-c", probe)).split()
+    assert "site-packages/mysir/__init__.py" in printed[0]
+    assert printed[1:] == ["60", simcal.__version__]
+    assert podman(*podman.run_args(own, "id", "-u")).strip() == "1000"

@@ -98,6 +98,21 @@ def test_calibration_job_is_for_kubectl_create(calibration_job):
     assert volumes["config"]["configMap"]["name"] == "simcal-calibration"
 
 
+def test_calibration_job_is_generated_from_the_chart_and_not_stale():
+    """k8s/calibration-job.yaml is `make k8s-manifests` output for the chart as it is now."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "k8s_manifests", K8S_DIR.parent / "scripts" / "k8s_manifests.py"
+    )
+    assert spec and spec.loader
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert CALIBRATION_JOB.read_text(encoding="utf-8") == generator.calibration_job(), (
+        "k8s/calibration-job.yaml is stale: run `make k8s-manifests`"
+    )
+
+
 def test_calibration_job_pod_is_the_charts_driver_pod(calibration_job, chart_objects):
     chart_job = find(chart_objects, "Job")
     # Same image, command, args, env, mounts, probes, resources and security context.

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from dask_kubernetes.operator.controller import (
     build_scheduler_deployment_spec,
     build_worker_deployment_spec,
@@ -35,7 +36,8 @@ from dask_kubernetes.operator.controller import (
 
 from calibration_run import assert_calibrated, driver_summary
 from chart import expand_k8s_vars, find, local_mounts, mount_rewriter, render
-from processes import free_port, start, stopping, wait_until
+from conftest import run_simcal
+from processes import free_port, start, stopping, stored_trials, wait_until
 
 RELEASE, NAMESPACE, STUDY, TRIALS = "smoke", "ci", "smoke-test", 12
 VALUES = {
@@ -188,3 +190,104 @@ def test_chart_commands_run_a_calibration(chart, tmp_path):
             proc.signal(signal.SIGTERM, group=True)
     storage = driver.argv[driver.argv.index("--storage") + 1]
     assert_calibrated(summary, storage, STUDY, TRIALS, replicas)
+
+
+# --- a user's own model, submitted with `simcal submit` against the release -------------------
+
+USER_MODEL = """import numpy as np
+
+
+def simulate(params, seed):
+    rng = np.random.default_rng(seed)
+    return {"incidence": params["beta"] * np.arange(10.0) + rng.normal(0, 0.1, 10)}
+"""
+USER_RELEASE = {"workers": {"replicas": 2}, "driver": {"metricsLinger": 3}}
+
+
+def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
+    """The new-user path: ``mysir.py`` and ``incidence.csv`` beside the config, submitted with
+    ``simcal submit`` against a release whose image (here: this venv) lacks ``mysir``. The
+    Job's pod (the release's driver template, the ConfigMap's files at their paths) runs here
+    against the release's scheduler and 2 workers; the driver ships ``mysir`` to them. Then
+    ``simcal submit --results`` makes the Job that prints the study's results from the
+    release's storage (the same PVC directory)."""
+    project = tmp_path / "proj"
+    (project / "data").mkdir(parents=True)
+    (project / "mysir.py").write_text(USER_MODEL, encoding="utf-8")
+    rows = "\n".join(str(0.5 * i) for i in range(10))
+    (project / "data" / "incidence.csv").write_text(f"incidence\n{rows}\n", encoding="utf-8")
+    config = {
+        "study": "mysir", "model": "mysir:simulate", "replicates": 2, "max_trials": 8,
+        "parameters": {"beta": {"low": 0.1, "high": 1.0}}, "sampler": "random",
+        "targets": [{"name": "incidence", "observed": "data/incidence.csv"}],
+        "storage": "sqlite:///simcal.db",  # as in the examples: replaced by the release's
+    }
+    (project / "calibration.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(USER_RELEASE), encoding="utf-8")
+    release = ["--release", RELEASE, "--namespace", NAMESPACE, "--values", str(values)]
+    submitted = run_simcal(
+        "submit", "--dry-run", *release, "--config", str(project / "calibration.yaml"),
+        cwd=tmp_path,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    assert "storage: in the config is replaced" in submitted.stderr
+    config_map, job = yaml.safe_load_all(submitted.stdout)
+    results = run_simcal("submit", "--dry-run", *release, "--results", "mysir", cwd=tmp_path)
+    assert results.returncode == 0, results.stderr
+    (results_job,) = yaml.safe_load_all(results.stdout)
+
+    chart = render({**USER_RELEASE, "driver": {**USER_RELEASE["driver"], "enabled": False}},
+                   name=RELEASE, namespace=NAMESPACE)
+    cluster = find(chart, "DaskCluster")
+    cluster_name, spec = cluster["metadata"]["name"], cluster["spec"]
+    config_maps = {c["metadata"]["name"]: c["data"] for c in [*chart, config_map]
+                   if c["kind"] == "ConfigMap"}
+    port = free_port()
+    root = tmp_path / "mounts"
+
+    def local(name: str, pod: dict[str, Any]) -> LocalContainer:
+        return localize(name, pod, root, port, config_maps)
+
+    scheduler = local("scheduler", build_scheduler_deployment_spec(
+        cluster_name, spec["scheduler"]["spec"], {}, {}
+    )["spec"]["template"]["spec"])
+    workers = [
+        local(f"worker-{i}", build_worker_deployment_spec(
+            f"{cluster_name}-default", NAMESPACE, cluster_name, f"{i:010d}",
+            spec["worker"]["spec"], {}, {},
+        )["spec"]["template"]["spec"])
+        for i in range(2)
+    ]
+    pod = job["spec"]["template"]["spec"]
+    driver = local("driver", pod)
+    assert driver.argv[driver.argv.index("--min-workers") + 1] == "2"  # the release's count
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with stopping() as procs:
+        procs.append(start("scheduler", scheduler.argv, logs, env=scheduler.env))
+        wait_until(lambda: procs[0].says("Scheduler at"), 120, "the scheduler")
+        procs.extend(start(w.name, w.argv, logs, env=w.env) for w in workers)
+        wait_until(lambda: all(p.says("Registered to") for p in procs[1:]), 300, "the workers")
+        result = run_driver(driver, logs / "driver.log")
+        for proc in procs:
+            proc.signal(signal.SIGTERM, group=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shipped module mysir" in result.stderr
+    storage = driver.argv[driver.argv.index("--storage") + 1]
+    trials = stored_trials(storage, "mysir")
+    assert len(trials) == 8 and all(t.user_attrs.get("fail_reason") is None for t in trials)
+
+    # the results Job's pod on the same PVC directory (the volume of the same name)
+    results_pod = results_job["spec"]["template"]["spec"]
+    (container,) = results_pod["containers"]
+    mounts = local_mounts("driver", results_pod, root, config_maps)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    argv = [mount_rewriter(mounts)(a) for a in container["args"]]
+    printed = subprocess.run(
+        argv, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
+    assert printed.returncode == 0, printed.stderr
+    lines = printed.stdout.strip().splitlines()
+    assert lines[0].startswith("number,") and len(lines) == 1 + 8, printed.stdout

@@ -1,5 +1,6 @@
-"""``simcal submit``: the manifests validate offline and carry the chart's driver pod; the API
-calls go to a stub standing in for a Kubernetes API server (none can run here).
+"""``simcal submit``: the manifests validate offline and carry the release's driver pod; the API
+calls go to a stub standing in for a Kubernetes API server (none can run here): it serves the
+release's ``driver-template`` ConfigMap as rendered by the real chart, and records the POSTs.
 
 What the stub cannot show (admission, RBAC, the Job's pod actually starting) is for a real
 cluster: ``simcal submit --release <r> --config <file>`` after ``helm install``, then
@@ -12,6 +13,7 @@ import copy
 import json
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -85,20 +87,23 @@ def test_dry_run_is_k8s_calibration_job_with_its_own_config(manifests, tmp_path)
 
 
 @pytest.mark.parametrize(
-    ("release", "namespace", "args", "values"),
+    ("release", "namespace", "values"),
     [
-        ("demo", "calib", [], {}),
-        ("simcal-prod", "science", [], {}),
-        ("demo", "calib", ["--storage-secret", "pg"], {"storage": {"existingSecret": "pg"}}),
-        ("demo", "calib", ["--min-workers", "3"], {"workers": {"replicas": 3}}),
+        ("demo", "calib", {}),
+        ("simcal-prod", "science", {}),
+        ("demo", "calib", {"storage": {"existingSecret": "pg"}}),
+        ("demo", "calib", {"workers": {"replicas": 3}}),
     ],
 )
-def test_pod_is_the_charts_driver_pod(capsys, tmp_path, release, namespace, args, values):
+def test_pod_is_the_charts_driver_pod(capsys, tmp_path, release, namespace, values):
     """Release names, namespace, storage, worker count and grace period as the chart has them."""
     config = {**CONFIG, "grace_period": 45}
     path = write(tmp_path, config)
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values), encoding="utf-8")
     config_map, job = dry_run(
-        capsys, "--release", release, "--namespace", namespace, "--config", str(path), *args
+        capsys, "--release", release, "--namespace", namespace, "--config", str(path),
+        "--values", str(values_file),
     )
     chart = render({"calibration": config, **values}, name=release, namespace=namespace)
     chart_job = find(chart, "Job")
@@ -120,19 +125,23 @@ def test_config_map_is_named_by_content(capsys, tmp_path):
     assert first[0]["metadata"]["name"] != other[0]["metadata"]["name"]
 
 
-@pytest.mark.parametrize(
-    ("config", "field"),
-    [
-        ({**CONFIG, "replicates": 0}, "replicates"),
-        ({**CONFIG, "storage": "postgresql://u:hunter2@db/simcal"}, "storage"),
-    ],
-)
-def test_bad_config_exits_2_naming_the_field(capsys, tmp_path, config, field):
-    path = write(tmp_path, config)
+def test_bad_config_exits_2_naming_the_field(capsys, tmp_path):
+    path = write(tmp_path, {**CONFIG, "replicates": 0})
     assert main(["submit", "--release", "r", "--config", str(path), "--dry-run"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert f"  {field}:" in captured.err and "hunter2" not in captured.err
+    assert "  replicates:" in captured.err
+
+
+def test_storage_in_a_config_is_replaced_with_a_note(capsys, tmp_path):
+    """Configs copied from the examples carry storage:; the release's storage replaces it."""
+    path = write(tmp_path, {**CONFIG, "storage": "postgresql://u:hunter2@db/simcal"})
+    assert main(["submit", "--release", "r", "--config", str(path), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert "storage: in the config is replaced by the release's storage" in captured.err
+    assert "hunter2" not in captured.out + captured.err
+    config_map, _ = yaml.safe_load_all(captured.out)
+    assert yaml.safe_load(config_map["data"]["calibration.yaml"]) == CONFIG
 
 
 # --- against a stub of the Kubernetes API server ---------------------------------------
@@ -146,6 +155,15 @@ class StubAPI(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.requests: list[tuple[str, str, dict[str, Any]]] = []
         self.refuse: dict[str, tuple[int, str]] = {}
+        self.config_maps: list[dict[str, Any]] = []  # served to GET .../configmaps
+
+    def install(self, release: str, namespace: str, values: dict[str, Any]) -> None:
+        """What ``helm install`` would leave: the ConfigMaps of the real chart's render."""
+        objects = render(values, name=release, namespace=namespace)
+        self.config_maps += [o for o in objects if o["kind"] == "ConfigMap"]
+
+    def posts(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(path, body) for method, path, body in self.requests if method == "POST"]
 
     @property
     def url(self) -> str:
@@ -154,6 +172,31 @@ class StubAPI(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     server: StubAPI
+
+    def do_GET(self) -> None:
+        """A ConfigMap list filtered by ``labelSelector`` (``k=v,...`` only)."""
+        url = urllib.parse.urlsplit(self.path)
+        self.server.requests.append(("GET", url.path, {}))
+        query = urllib.parse.parse_qs(url.query)
+        wanted = dict(
+            item.split("=", 1) for item in query.get("labelSelector", [""])[0].split(",") if item
+        )
+        namespace = url.path.split("/")[4]
+        items = [
+            m for m in self.server.config_maps
+            if m["metadata"]["namespace"] == namespace
+            and wanted.items() <= m["metadata"].get("labels", {}).items()
+        ]
+        self._answer(200, {"kind": "ConfigMapList", "apiVersion": "v1", "metadata": {},
+                           "items": items})
+
+    def _answer(self, status: int, answer: dict[str, Any]) -> None:
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -210,29 +253,37 @@ def submit(tmp_path: Path) -> int:
     return main(["submit", "--release", "demo", "--namespace", "calib", "--config", str(path)])
 
 
-def test_creates_the_config_map_then_the_job(api, capsys, tmp_path):
+@pytest.fixture
+def installed(api: StubAPI) -> StubAPI:
+    """Release demo in calib, installed with the chart's defaults."""
+    api.install("demo", "calib", {})
+    return api
+
+
+def test_creates_the_config_map_then_the_job(installed, capsys, tmp_path):
+    api = installed
     expected = dry_run(
         capsys, "--release", "demo", "--namespace", "calib",
         "--config", str(write(tmp_path, CONFIG)),
     )
     assert submit(tmp_path) == 0
-    assert [(method, path) for method, path, _ in api.requests] == [
-        ("POST", CONFIG_MAPS), ("POST", JOBS)
-    ]
-    assert [body for _, _, body in api.requests] == expected
+    assert [path for path, _ in api.posts()] == [CONFIG_MAPS, JOBS]
+    assert [body for _, body in api.posts()] == expected
     out = capsys.readouterr().out
     assert "job.batch/demo-calibration-x7k2p created in namespace calib" in out
     assert "kubectl logs -n calib -f job/demo-calibration-x7k2p" in out
 
 
-def test_reuses_an_existing_config_map(api, capsys, tmp_path):
+def test_reuses_an_existing_config_map(installed, capsys, tmp_path):
+    api = installed
     api.refuse[CONFIG_MAPS] = (409, "AlreadyExists")
     assert submit(tmp_path) == 0
-    assert [path for _, path, _ in api.requests] == [CONFIG_MAPS, JOBS]
+    assert [path for path, _ in api.posts()] == [CONFIG_MAPS, JOBS]
     assert "exists (same content): reused" in capsys.readouterr().out
 
 
-def test_a_refused_job_exits_1_with_the_api_message(api, capsys, tmp_path):
+def test_a_refused_job_exits_1_with_the_api_message(installed, capsys, tmp_path):
+    api = installed
     api.refuse[JOBS] = (403, "Forbidden")
     assert submit(tmp_path) == 1
     err = capsys.readouterr().err
@@ -250,3 +301,181 @@ def test_without_the_kubernetes_client_it_says_what_to_install(capsys, tmp_path,
     monkeypatch.setitem(sys.modules, "kubernetes", None)
     assert submit(tmp_path) == 1
     assert "pip install 'simcal[kubernetes]'" in capsys.readouterr().err
+
+
+# --- the release's own settings ------------------------------------------------------------
+
+RELEASE_VALUES: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/epi/simcal-mysir", "tag": "1.4.2"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "tls": {"enabled": True, "existingSecret": "demo-dask-tls"},
+    "workers": {"replicas": 5},
+    "storage": {"existingSecret": "demo-pg"},
+    "driver": {
+        "resources": {"requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"memory": "6Gi"}},
+        "nodeSelector": {"pool": "calibration"},
+        "extraVolumes": [{"name": "input", "persistentVolumeClaim": {"claimName": "epi-data"}}],
+        "extraVolumeMounts": [{"name": "input", "mountPath": "/input", "readOnly": True}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "calibration",
+                         "effect": "NoSchedule"}],
+    },
+}
+
+
+@pytest.mark.parametrize("version", kube_versions())
+def test_submitted_job_carries_the_releases_settings(api, capsys, tmp_path, version):
+    """A release with TLS, a private image, pull secrets, resources, PostgreSQL, scheduling and
+    5 workers: the Job submitted against it has every one of them, and validates strictly."""
+    api.install("demo", "calib", RELEASE_VALUES)
+    assert submit(tmp_path) == 0, capsys.readouterr().err
+    (_, config_map), (_, job) = api.posts()
+    validate_builtin(config_map, version)
+    validate_builtin(job, version)
+    pod = job["spec"]["template"]["spec"]
+    (driver,) = pod["containers"]
+    args = driver["args"]
+    assert driver["image"] == "registry.example.com/epi/simcal-mysir:1.4.2"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert driver["resources"] == {
+        "requests": {"cpu": "2", "memory": "3Gi"}, "limits": {"memory": "6Gi"}
+    }
+    assert args[args.index("--scheduler") + 1].startswith("tls://demo-simcal-scheduler.calib.")
+    assert "--tls-ca-file" in args and "--storage" not in args
+    assert args[args.index("--min-workers") + 1] == "5"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dask-tls"]["secret"]["secretName"] == "demo-dask-tls"
+    assert "data" not in volumes  # PostgreSQL, not the PVC
+    assert {"name": "dask-tls", "mountPath": "/etc/simcal/tls", "readOnly": True} in driver[
+        "volumeMounts"
+    ]
+    env = {e["name"]: e for e in driver["env"]}
+    assert env["SIMCAL_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == "demo-pg"
+    assert pod["nodeSelector"] == {"pool": "calibration"}
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert volumes["input"]["persistentVolumeClaim"]["claimName"] == "epi-data"
+    assert {"name": "input", "mountPath": "/input", "readOnly": True} in driver["volumeMounts"]
+    assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
+
+
+def test_a_release_that_does_not_exist_exits_2(api, capsys, tmp_path):
+    assert submit(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "no simcal release 'demo' in namespace 'calib'" in err
+    assert not api.posts()
+
+
+def test_a_release_of_an_older_chart_names_the_upgrade(api, capsys, tmp_path):
+    api.install("demo", "calib", {})
+    api.config_maps = [
+        m for m in api.config_maps
+        if m["metadata"]["labels"]["app.kubernetes.io/component"] != "driver-template"
+    ]
+    assert submit(tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "installed with an older simcal chart" in err and "helm upgrade demo" in err
+    assert not api.posts()
+
+
+# --- the model and data travel in the ConfigMap ---------------------------------------------
+
+MYSIR = """import numpy as np
+
+
+def simulate(params, seed):
+    return {"incidence": params["x"] * np.arange(5.0)}
+"""
+
+
+def _user_project(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delitem(sys.modules, "mysir", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_config appends the config's folder
+    (folder / "data").mkdir(parents=True)
+    (folder / "mysir.py").write_text(MYSIR, encoding="utf-8")
+    (folder / "data" / "incidence.csv").write_text("incidence\n0\n1\n2\n3\n4\n")
+    return write(folder, {
+        **CONFIG,
+        "model": "mysir:simulate",
+        "targets": [{"name": "incidence", "observed": "data/incidence.csv"}],
+    })
+
+
+def test_the_model_source_and_data_travel_in_the_config_map(capsys, tmp_path, monkeypatch):
+    config = _user_project(tmp_path / "proj", monkeypatch)
+    config_map, job = dry_run(capsys, "--release", "demo", "--config", str(config))
+    assert sorted(config_map["data"]) == ["calibration.yaml", "data__incidence.csv", "mysir.py"]
+    assert config_map["data"]["mysir.py"] == MYSIR
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    assert {"key": "data__incidence.csv", "path": "data/incidence.csv"} in volumes["config"][
+        "configMap"
+    ]["items"]
+    validate_builtin(config_map, kube_versions()[-1])
+
+
+def test_data_outside_the_config_folder_exits_2(capsys, tmp_path, monkeypatch):
+    config = _user_project(tmp_path / "proj", monkeypatch)
+    (tmp_path / "elsewhere.csv").write_text("incidence\n0\n1\n2\n3\n4\n")
+    text = config.read_text().replace("data/incidence.csv", "../elsewhere.csv")
+    config.write_text(text)
+    assert main(["submit", "--release", "r", "--config", str(config), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "targets.0.observed: data file" in captured.err and "outside" in captured.err
+    assert captured.out == ""
+
+
+def test_a_package_too_large_for_a_config_map_exits_2(capsys, tmp_path, monkeypatch):
+    config = _user_project(tmp_path / "proj", monkeypatch)
+    rows = "\n".join(str(i % 5) for i in range(500_000))
+    (tmp_path / "proj" / "data" / "incidence.csv").write_text(f"incidence\n{rows}\n")
+    assert main(["submit", "--release", "r", "--config", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "more than a ConfigMap holds" in err and "examples/Dockerfile" in err
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own-model"
+
+
+@pytest.mark.parametrize("values", ["values.yaml", "values-volume.yaml"])
+def test_the_own_model_example_values_render_valid_manifests(values):
+    """examples/own-model: the image values, and the data-on-a-volume alternative, whose
+    driver Job mounts the existing PVC where the calibration reads its observed data."""
+    objects = render(yaml.safe_load((EXAMPLE / values).read_text(encoding="utf-8")))
+    for obj in objects:
+        if obj["kind"] in ("Job", "ConfigMap", "Pod"):
+            validate_builtin(obj, kube_versions()[-1])
+    template = find(objects, "ConfigMap", "simcal-driver-template")
+    pod = yaml.safe_load(template["data"]["pod-template.yaml"])["spec"]
+    assert pod["containers"][0]["image"] == "registry.example.com/epi/simcal-mysir:1.0.0"
+    if values == "values-volume.yaml":
+        job = find(objects, "Job")
+        assert job["spec"]["template"]["spec"] == pod
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["input"]["persistentVolumeClaim"]["claimName"] == "epi-data"
+        calibration = yaml.safe_load(find(objects, "ConfigMap", "simcal-calibration")["data"][
+            "calibration.yaml"
+        ])
+        assert calibration["targets"][0]["observed"] == "/input/incidence.csv"
+        assert calibration["model"] == "mysir:simulate"
+
+
+@pytest.mark.parametrize("version", kube_versions())
+def test_results_job_reads_the_releases_storage(capsys, tmp_path, version):
+    """``--results STUDY``: the release's driver pod running ``simcal results`` on its storage
+    (PostgreSQL here: the URL from the release's Secret, no --storage, no PVC)."""
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"storage": {"existingSecret": "demo-pg"}}))
+    (job,) = dry_run(capsys, "--release", "demo", "--results", "mysir", "--format", "json",
+                     "--values", str(values))
+    validate_builtin(job, version)
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["simcal", "results", "--study", "mysir", "--format", "json"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["SIMCAL_STORAGE"]["valueFrom"]["secretKeyRef"]["name"] == "demo-pg"
+    assert job["metadata"]["generateName"] == "demo-results-"
+
+
+def test_config_and_results_go_alone(capsys, tmp_path):
+    path = write(tmp_path, CONFIG)
+    args = ["submit", "--release", "r", "--dry-run"]
+    assert main([*args, "--config", str(path), "--results", "s"]) == 2
+    assert main(args) == 2
+    assert "either --config FILE" in capsys.readouterr().err

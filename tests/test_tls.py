@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,7 +38,7 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from chart import expand_k8s_vars, find, local_mounts, mount_rewriter, render
-from conftest import write_config
+from conftest import run_simcal, write_config
 from processes import DASK, HOST, Proc, simcal_run, start, stopping, wait_until
 
 MAX_TRIALS = 8
@@ -426,6 +427,34 @@ def test_chart_with_tls_enabled_runs_a_calibration_and_its_helm_test(
         driver = start("driver", driver_argv, logs, env=driver_env, cwd=tmp_path)
         procs.append(driver)
         assert driver.wait(300) == 0, driver.output()[-4000:] + procs[0].output()[-2000:]
+
+        # `simcal submit` against this release (its driver template from `helm template`
+        # output): the submitted Job's pod talks TLS with the Secret's files, like the chart's.
+        rendered = tmp_path / "rendered.yaml"
+        rendered.write_text(yaml.safe_dump_all(objects), encoding="utf-8")
+        submitted_config = tmp_path / "submitted" / "calibration.yaml"
+        submitted_config.parent.mkdir()
+        calibration = {**CHART_VALUES["calibration"], "study": "submitted-over-tls"}
+        calibration["parameters"] = {  # without helm's nulls (they drop the chart defaults)
+            k: v for k, v in calibration["parameters"].items() if v is not None
+        }
+        submitted_config.write_text(yaml.safe_dump(calibration), encoding="utf-8")
+        submit = run_simcal(
+            "submit", "--dry-run", "--release", "tlsrel", "--namespace", "ns",
+            "--template", str(rendered), "--config", str(submitted_config),
+        )
+        assert submit.returncode == 0, submit.stderr
+        job_config_map, job = yaml.safe_load_all(submit.stdout)
+        config_maps[job_config_map["metadata"]["name"]] = job_config_map["data"]
+        submitted_argv, submitted_env = local("submitted", job["spec"]["template"]["spec"])
+        assert submitted_argv[submitted_argv.index("--scheduler") + 1] == f"tls://{HOST}:{port}"
+        submitted_argv[submitted_argv.index("--connect-timeout") + 1] = "120"
+        submitted = start("submitted", submitted_argv, logs, env=submitted_env, cwd=tmp_path)
+        procs.append(submitted)
+        assert submitted.wait(300) == 0, submitted.output()[-4000:]
+        assert f"connected to scheduler tls://{HOST}:{port}" in submitted.output()
+        assert f'"n_completed": {CHART_TRIALS}' in submitted.output()
+
         helm_test = start("helm-test", test_argv, logs, env=test_env)
         procs.append(helm_test)
         assert helm_test.wait(120) == 0, helm_test.output()[-3000:]

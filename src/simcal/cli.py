@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")
     check.add_argument("file", type=Path)
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="also call the model once here (parameter midpoints) and check its output",
+    )
     check.set_defaults(handler=cmd_check_config)
     return parser
 
@@ -228,6 +233,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.cluster import ClusterOptions, connect
     from simcal.driver import Calibration
     from simcal.metrics import Metrics
+    from simcal.probe import probe_cluster
     from simcal.progress import ProgressReporter
     from simcal.report import summarize
     from simcal.service import SimulationService
@@ -279,9 +285,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         with connect(options) as client:
             if client.dashboard_link:
                 log.info("Dask dashboard: %s", client.dashboard_link)
-            calibration = Calibration(
-                config, SimulationService(client), study, metrics, progress=ProgressReporter()
-            )
+            service = SimulationService(client)
+            probe_cluster(service, config)  # before any trial is asked: fail fast, count none
+            calibration = Calibration(config, service, study, metrics, progress=ProgressReporter())
             _on_signals(calibration.request_stop)
             stats = calibration.run()
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
@@ -333,6 +339,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     _check_targets(config)
     resolved = config.model_dump(mode="json")
     resolved["storage"] = redact(config.storage)
+    if args.probe:
+        from simcal.probe import ProbeError, probe_locally
+
+        try:
+            resolved["probe"] = probe_locally(config)
+        except ProbeError as exc:
+            raise ConfigError(str(exc)) from None
     print(json.dumps(resolved, indent=2))
     return EXIT_OK
 
@@ -352,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
+    from simcal.probe import ProbeError
     from simcal.storage import StorageError
 
     # after importing distributed, whose own logging setup sets its level to INFO
@@ -363,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (StorageError, ClusterError, SchedulerLostError) as exc:
+    except (StorageError, ClusterError, SchedulerLostError, ProbeError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from simcal.imports import UnresolvableReferenceError, resolve_callable
 
@@ -113,11 +122,14 @@ class TargetSpec(_Strict):
 
     @field_validator("observed")
     @classmethod
-    def _observed_exists(cls, value: str) -> str:
+    def _observed_exists(cls, value: str, info: ValidationInfo) -> str:
         if value.lower().endswith(".csv"):
-            if not Path(value).is_file():
-                raise ValueError(f"CSV file {value!r} does not exist")
-            return value
+            # relative to the config file's folder (``base_dir``), not the current directory
+            base = (info.context or {}).get("base_dir")
+            path = Path(value) if base is None else Path(base) / value
+            if not path.is_file():
+                raise ValueError(f"CSV file {str(path)!r} does not exist")
+            return str(path)
         return _check_callable(value)
 
     @field_validator("loss")
@@ -221,15 +233,21 @@ def _describe(error: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def validate_config(data: Any, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
-    """Validate a mapping (from YAML or code), with ``overrides`` taking precedence."""
+def validate_config(
+    data: Any, overrides: Mapping[str, Any] | None = None, *, base_dir: Path | None = None
+) -> CalibrationConfig:
+    """Validate a mapping (from YAML or code), with ``overrides`` taking precedence.
+
+    Relative data paths resolve against ``base_dir`` (a config file's folder) when given.
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"invalid config: expected a mapping at the top level, got {type(data).__name__}"
         )
     merged = {**data, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     try:
-        return CalibrationConfig.model_validate(merged)
+        context = {"base_dir": base_dir} if base_dir is not None else None
+        return CalibrationConfig.model_validate(merged, context=context)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
 
@@ -250,7 +268,11 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file.
+
+    The file's folder is appended to ``sys.path`` (``model:``, ``observed:`` and ``loss:``
+    may name modules beside the config) and relative CSV paths resolve against it.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -264,8 +286,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
+    folder = path.resolve().parent
+    if str(folder) not in sys.path:  # model:, observed:, loss: may name modules beside it
+        sys.path.append(str(folder))
     try:
-        return validate_config(data if data is not None else {}, overrides)
+        return validate_config(data if data is not None else {}, overrides, base_dir=folder)
     except RecursionError:
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
 

@@ -358,8 +358,10 @@ class Calibration:
         if run is None:
             return  # a trial already told (failed early, timed out or interrupted)
         if isinstance(outcome, BaseException):
-            if classify(outcome) is FailureReason.CANCELLED and not self._connected():
-                raise SchedulerLostError("lost the connection to the Dask scheduler")
+            if classify(outcome) is FailureReason.CANCELLED:
+                if not self._connected():
+                    raise SchedulerLostError("lost the connection to the Dask scheduler")
+                outcome = self._replicate_error(run) or outcome
             self._fail(run, outcome)
             return
         assert isinstance(outcome, TargetLoss), f"unexpected aggregation result {outcome!r}"
@@ -369,6 +371,13 @@ class Calibration:
                 self._judge(run)
             else:
                 self._complete(run)
+
+    def _replicate_error(self, run: TrialRun) -> BaseException | None:
+        """Why an aggregation was cancelled: Dask cancels it when a replicate it depends on
+        erred on the scheduler (e.g. a task graph it cannot unpickle: ``model_import``)."""
+        erred = [f for f in run.replicates if f.status == "error"]
+        errors = [o for o in self.service.gather(erred[:1]) if isinstance(o, BaseException)]
+        return errors[0] if errors else None
 
     def _release(self, run: TrialRun) -> float:
         self._inflight.pop(run.trial.number, None)

@@ -18,6 +18,7 @@ class FailureReason(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     CANCELLED = "cancelled"
+    MODEL_IMPORT = "model_import"
 
 
 class NonFiniteLossError(ArithmeticError):
@@ -32,12 +33,24 @@ class ModelOutputError(ValueError):
     """A model returned something simcal cannot use (type, shape, size)."""
 
 
+class ModelImportError(ImportError):
+    """A worker could not import the model or a loss function (the text names worker and cause)."""
+
+
+# What the scheduler answers when it cannot unpickle a task graph (it lacks a module the
+# graph's functions are pickled by reference from); simcal submits references, not functions,
+# but a caller may still pass a function object.
+GRAPH_DESERIALIZATION = "Error during deserialization of the task graph"
+
+
 class ResultLostError(RuntimeError):
     """A task's result was lost with the worker holding it."""
 
 
 def classify(error: BaseException) -> FailureReason:
     """Map an exception from a trial's tasks to the reason it is counted under."""
+    if isinstance(error, ImportError) or GRAPH_DESERIALIZATION in str(error):
+        return FailureReason.MODEL_IMPORT
     if isinstance(error, NonFiniteLossError):
         return FailureReason.NAN_LOSS
     if isinstance(error, AggregationError):

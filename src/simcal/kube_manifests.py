@@ -1,75 +1,67 @@
 """Kubernetes manifests for one more calibration against an installed simcal Helm release.
 
-A ConfigMap holding the calibration config and a Job (``generateName: <release>-calibration-``)
-whose pod is the chart's driver pod with default values, as in ``k8s/calibration-job.yaml``,
-but reading the config from that ConfigMap. tests/test_submit.py keeps the pod equal to the
-chart's and to ``k8s/calibration-job.yaml``.
+The driver pod is the release's own: the chart renders it once (``simcal.driverPodTemplate``)
+into its driver Job and into the ConfigMap ``<fullname>-driver-template``
+(:data:`TEMPLATE_KEY`), which ``simcal submit`` reads. A :class:`Submission` wraps that pod
+template in a Job (``generateName: <release>-calibration-``) whose config volume is a new
+ConfigMap holding the calibration config and the files it needs (model source, data), so the
+Job carries the release's image, pull secrets, resources, TLS, storage, scheduling and
+``--min-workers``. ``k8s/calibration-job.yaml`` is this Job for the chart's defaults
+(``make k8s-manifests``).
 """
 
 from __future__ import annotations
 
+import base64
+import copy
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from simcal import __version__
-
-IMAGE = f"ghcr.io/simcal/simcal:{__version__}"
-CONFIG_DIR = "/etc/simcal"
-SQLITE_URL = "sqlite:////data/simcal.db"
-UID = 1000
-
-
-def release_fullname(release: str) -> str:
-    """The chart's resource name prefix (``simcal.fullname``, no overrides)."""
-    name = release if "simcal" in release else f"{release}-simcal"
-    return name[:63].rstrip("-")
+TEMPLATE_KEY = "pod-template.yaml"
+TEMPLATE_COMPONENT = "driver-template"
+CONFIG_FILE = "calibration.yaml"
+#: A ConfigMap holds at most 1 MiB (etcd's object limit); keep room for metadata.
+CONFIG_MAP_LIMIT = 900 * 1024
+#: Pod labels that describe the Helm release's own objects, not a submitted Job.
+HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by", "app.kubernetes.io/version")
 
 
-def _security_context(*, pod: bool) -> dict[str, Any]:
-    """The chart's default pod or container security context."""
-    common: dict[str, Any] = {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    if pod:
-        return {**common, "fsGroup": UID}
-    return {
-        **common,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-    }
+def config_map_key(path: str) -> str:
+    """A ConfigMap key for a relative file path (keys cannot hold ``/``)."""
+    return path.replace("/", "__")
+
+
+def _arg(args: list[str], flag: str, value: str) -> None:
+    if flag in args:
+        args[args.index(flag) + 1] = value
 
 
 @dataclass(frozen=True)
 class Submission:
-    """One calibration run: ``config_text`` against the release's scheduler and storage.
-
-    Storage is the release's PVC (SQLite), or with ``storage_secret`` the URL under key
-    ``url`` of that Secret (the chart's ``storage.existingSecret``).
-    """
+    """One calibration run: ``files`` (``calibration.yaml`` and what it needs, by relative
+    path) in the driver pod of ``pod_template`` (the release's ``driver-template``)."""
 
     release: str
     namespace: str
-    config_text: str
+    files: Mapping[str, bytes]
+    pod_template: Mapping[str, Any]
     grace_period: float = 30.0
-    min_workers: int = 8
-    image: str = IMAGE
-    storage_secret: str | None = None
+    min_workers: int | None = None
+    image: str | None = None
+    config_map: str | None = None  # an existing ConfigMap instead of a new one (k8s/)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def config_map_name(self) -> str:
-        """Named by content: submitting the same config again reuses the ConfigMap."""
-        digest = hashlib.sha256(self.config_text.encode()).hexdigest()[:10]
-        return f"{self.release}-calibration-{digest}"
-
-    @property
-    def sqlite(self) -> bool:
-        """Whether storage is SQLite on the release's PVC (no ``storage_secret``)."""
-        return self.storage_secret is None
+        """Named by content: submitting the same files again reuses the ConfigMap."""
+        if self.config_map:
+            return self.config_map
+        digest = hashlib.sha256()
+        for path in sorted(self.files):
+            digest.update(path.encode() + b"\0" + self.files[path] + b"\0")
+        return f"{self.release}-calibration-{digest.hexdigest()[:10]}"
 
     def labels(self, component: str) -> dict[str, str]:
         """The release's labels: its NetworkPolicy admits the pod, its ServiceMonitor scrapes it."""
@@ -81,10 +73,17 @@ class Submission:
         }
 
     def manifests(self) -> list[dict[str, Any]]:
-        return [self.config_map(), self.job()]
+        return [self.config_map_manifest(), self.job()]
 
-    def config_map(self) -> dict[str, Any]:
-        return {
+    def config_map_manifest(self) -> dict[str, Any]:
+        data: dict[str, str] = {}
+        binary: dict[str, str] = {}
+        for path, content in sorted(self.files.items()):
+            try:
+                data[config_map_key(path)] = content.decode("utf-8")
+            except UnicodeDecodeError:
+                binary[config_map_key(path)] = base64.b64encode(content).decode("ascii")
+        manifest: dict[str, Any] = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {
@@ -92,10 +91,18 @@ class Submission:
                 "namespace": self.namespace,
                 "labels": {**self.labels("config"), "app.kubernetes.io/managed-by": "simcal"},
             },
-            "data": {"calibration.yaml": self.config_text},
+            "data": data,
         }
+        if binary:
+            manifest["binaryData"] = binary
+        return manifest
 
     def job(self) -> dict[str, Any]:
+        metadata = copy.deepcopy(dict(self.pod_template.get("metadata") or {}))
+        labels = {
+            k: v for k, v in (metadata.get("labels") or {}).items() if k not in HELM_ONLY_LABELS
+        }
+        metadata["labels"] = labels
         return {
             "apiVersion": "batch/v1",
             "kind": "Job",
@@ -105,7 +112,7 @@ class Submission:
                 "labels": self.labels("driver"),
             },
             "spec": {
-                # A retried driver resumes the study from storage.
+                # A retried driver resumes the study from storage (simcal resumes automatically).
                 "backoffLimit": 6,
                 "ttlSecondsAfterFinished": 7 * 24 * 3600,
                 "podFailurePolicy": {
@@ -124,81 +131,70 @@ class Submission:
                         },
                     ]
                 },
-                "template": {
-                    "metadata": {
-                        "labels": self.labels("driver"),
-                        "annotations": {
-                            "prometheus.io/scrape": "true",
-                            "prometheus.io/port": "8000",
-                            "prometheus.io/path": "/metrics",
-                        },
-                    },
-                    "spec": self.pod_spec(),
-                },
+                "template": {"metadata": metadata, "spec": self.pod_spec()},
             },
         }
 
     def pod_spec(self) -> dict[str, Any]:
-        fullname = release_fullname(self.release)
-        return {
-            "restartPolicy": "Never",
-            "serviceAccountName": fullname,
-            "automountServiceAccountToken": False,
-            "enableServiceLinks": False,
-            "securityContext": _security_context(pod=True),
-            "terminationGracePeriodSeconds": int(self.grace_period) + 30,
-            "containers": [self._driver(fullname)],
-            "volumes": [
-                {"name": "config", "configMap": {"name": self.config_map_name}},
-                *(
-                    [{"name": "data", "persistentVolumeClaim": {"claimName": f"{fullname}-data"}}]
-                    if self.sqlite
-                    else []
-                ),
-                {"name": "tmp", "emptyDir": {}},
-                {"name": "home", "emptyDir": {}},
-            ],
-        }
+        """The release's driver pod spec with this submission's config, grace period, image
+        and minimum worker count (the release's unless given)."""
+        spec = copy.deepcopy(dict(self.pod_template["spec"]))
+        spec["restartPolicy"] = "Never"  # podFailurePolicy needs it
+        spec["terminationGracePeriodSeconds"] = int(self.grace_period) + 30
+        for volume in spec.get("volumes", []):
+            if volume.get("name") == "config":
+                source: dict[str, Any] = {"name": self.config_map_name}
+                if set(self.files) != {CONFIG_FILE}:  # folders inside: one item per file
+                    source["items"] = [
+                        {"key": config_map_key(path), "path": path} for path in sorted(self.files)
+                    ]
+                volume["configMap"] = source
+        for container in spec.get("containers", []):
+            if container.get("name") != "driver":
+                continue
+            if self.image:
+                container["image"] = self.image
+            if self.min_workers is not None:
+                _arg(container.get("args", []), "--min-workers", str(self.min_workers))
+        return spec
 
-    def _driver(self, fullname: str) -> dict[str, Any]:
-        scheduler = f"tcp://{fullname}-scheduler.{self.namespace}.svc.cluster.local:8786"
-        env: list[dict[str, Any]] = [
-            {"name": "HOME", "value": "/home/simcal"},
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-        ]
-        if not self.sqlite:
-            secret = {"name": self.storage_secret, "key": "url"}
-            env.append({"name": "SIMCAL_STORAGE", "valueFrom": {"secretKeyRef": secret}})
+    def results_job(self, study: str, output_format: str = "csv") -> dict[str, Any]:
+        """A Job that prints ``simcal results`` of ``study`` from the release's storage (its PVC
+        or its Secret's URL) to its log: the release's driver pod, running ``simcal results``."""
+        spec = copy.deepcopy(dict(self.pod_template["spec"]))
+        spec["restartPolicy"] = "Never"
+        spec["terminationGracePeriodSeconds"] = 30
+        for container in spec.get("containers", []):
+            if container.get("name") != "driver":
+                continue
+            args = container.get("args", [])
+            storage = args[args.index("--storage") : args.index("--storage") + 2] if (
+                "--storage" in args
+            ) else []  # else $SIMCAL_STORAGE from the release's Secret
+            container["args"] = [
+                "simcal", "results", "--study", study, "--format", output_format, *storage
+            ]
+            container["name"] = "results"
+            for key in ("ports", "readinessProbe", "livenessProbe"):
+                container.pop(key, None)
+            container["volumeMounts"] = [  # no calibration config: only storage is read
+                m for m in container.get("volumeMounts", []) if m.get("name") != "config"
+            ]
+            if self.image:
+                container["image"] = self.image
+        spec["volumes"] = [v for v in spec.get("volumes", []) if v.get("name") != "config"]
+        labels = self.labels("results")
         return {
-            "name": "driver",
-            "image": self.image,
-            "imagePullPolicy": "IfNotPresent",
-            "args": [
-                "simcal", "run",
-                "--config", f"{CONFIG_DIR}/calibration.yaml",
-                "--scheduler", scheduler,
-                "--metrics-port", "8000",
-                "--min-workers", str(self.min_workers),
-                "--metrics-linger", "60",
-                "--connect-timeout", "900",
-                *(["--storage", SQLITE_URL] if self.sqlite else []),
-            ],
-            "env": env,
-            "ports": [{"name": "metrics", "containerPort": 8000, "protocol": "TCP"}],
-            "readinessProbe": {
-                "httpGet": {"path": "/metrics", "port": "metrics"},
-                "periodSeconds": 10,
-                "timeoutSeconds": 5,
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {
+                "generateName": f"{self.release}-results-",
+                "namespace": self.namespace,
+                "labels": labels,
             },
-            "resources": {
-                "limits": {"memory": "2Gi"},
-                "requests": {"cpu": "500m", "memory": "1Gi"},
+            "spec": {
+                "backoffLimit": 2,
+                "ttlSecondsAfterFinished": 24 * 3600,
+                "template": {"metadata": {"labels": dict(labels)}, "spec": spec},
             },
-            "securityContext": _security_context(pod=False),
-            "volumeMounts": [
-                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                *([{"name": "data", "mountPath": "/data"}] if self.sqlite else []),
-                {"name": "tmp", "mountPath": "/tmp"},
-                {"name": "home", "mountPath": "/home/simcal"},
-            ],
         }

@@ -22,8 +22,7 @@ from distributed.client import FuturesCancelledError
 
 from simcal.config import TargetSpec
 from simcal.failures import NonFiniteLossError, ResultLostError
-from simcal.imports import resolve_callable
-from simcal.targets import load_observed, loss_function
+from simcal.targets import BUILTIN, load_observed
 from simcal.tasks import aggregate, run_replicate
 
 __all__ = ["NonFiniteLossError", "ResultStream", "SimulationService", "replicate_seed"]
@@ -67,14 +66,16 @@ class SimulationService:
         """Submit one task per replicate, keyed ``sim-<run_id>-<trial_id>-<i>``.
 
         The tasks go in one ``Client.map`` call: one graph update on the scheduler, not R.
+        A ``module:callable`` model is sent as that reference and imported on the worker
+        (:func:`simcal.tasks.resolve_on_worker`), so a worker without the module fails the
+        task with ``ModelImportError`` rather than failing to unpickle it.
         """
         if n_replicates < 1:
             raise ValueError(f"n_replicates must be >= 1, got {n_replicates}")
-        function = resolve_callable(model) if isinstance(model, str) else model
         indices = range(first, first + n_replicates)  # ``first``: the rest of a judged trial
         return self.client.map(
             run_replicate,
-            [function] * n_replicates,
+            [model] * n_replicates,
             [dict(params)] * n_replicates,
             [replicate_seed(seed, trial_id, index) for index in indices],
             [dict(model_options or {})] * n_replicates,
@@ -89,16 +90,18 @@ class SimulationService:
         *,
         trial_id: str,
         observed: np.ndarray | None = None,
-        loss: Callable[[np.ndarray, np.ndarray], float] | None = None,
+        loss: Callable[[np.ndarray, np.ndarray], float] | str | None = None,
         stage: str = "",
     ) -> Future:
         """Submit the loss of one target; the replicates are passed as task dependencies.
 
         The target's observed data and loss are loaded here unless given
-        (the driver passes them, loaded once).
+        (the driver passes them, loaded once). A user's loss goes as its ``module:callable``
+        reference and is imported on the worker, like the model.
         """
         observed = load_observed(target) if observed is None else observed
-        loss = loss_function(target.loss) if loss is None else loss
+        if loss is None:
+            loss = BUILTIN.get(target.loss) or target.loss
         return self.client.submit(
             aggregate,
             target.name,

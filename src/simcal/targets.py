@@ -23,6 +23,7 @@ from simcal import likelihoods
 from simcal.config import BUILTIN_LOSSES, COUNT_LIKELIHOODS, ParameterRef, TargetSpec
 from simcal.failures import ModelOutputError
 from simcal.imports import resolve_callable
+from simcal.tasks import resolve_on_worker
 
 LossFunction = Callable[[np.ndarray, np.ndarray], float]
 TIME_COLUMNS = ("t", "date")
@@ -314,7 +315,7 @@ class Objective:
     observed: Observed
     align: str = "exact"
     combine: str = "mean"
-    custom: LossFunction | None = None
+    custom: LossFunction | str | None = None  # a ``module:callable`` reference, or a function
     dispersion: float | ParameterRef | None = None
     sd: float | ParameterRef | None = None
 
@@ -364,10 +365,11 @@ class Objective:
 
     def _loss(self, stacked: np.ndarray) -> float:
         if self.custom is not None:
+            custom = resolve_on_worker(self.custom)
             if self.combine == "mean":
-                return float(self.custom(stacked, self.observed.values))
+                return float(custom(stacked, self.observed.values))
             return likelihoods.combine(
-                np.array([self.custom(s[None], self.observed.values) for s in stacked]),
+                np.array([custom(s[None], self.observed.values) for s in stacked]),
                 self.combine,
             )
         likelihoods.check_simulated(self.target, self.loss, stacked, list(self.observed.labels))
@@ -399,7 +401,8 @@ def make_objective(target: TargetSpec) -> Objective:
         observed=load_target_data(target),
         align=target.align,
         combine=target.combine,
-        custom=None if target.loss in BUILTIN_LOSSES else resolve_callable(target.loss),
+        # a user's loss travels as its reference and is imported on the worker (simcal.tasks)
+        custom=None if target.loss in BUILTIN_LOSSES else target.loss,
         dispersion=target.dispersion,
         sd=target.sd,
     )

@@ -2,10 +2,16 @@
 
 Aggregations receive their replicates as task dependencies; nothing here talks to
 the scheduler, so aggregations can never deadlock waiting on other tasks.
+
+The model and a user's loss arrive as ``module:callable`` references and are imported here,
+on the worker: a worker that lacks the module fails the task with :class:`ModelImportError`
+naming itself and the real exception, instead of failing to unpickle the task (which Dask
+reports as a crashed worker or a cancelled dependent, and the scheduler's log alone explains).
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -13,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from simcal.failures import AggregationError, ModelOutputError, NonFiniteLossError
+from simcal.failures import (
+    AggregationError,
+    ModelImportError,
+    ModelOutputError,
+    NonFiniteLossError,
+)
+from simcal.imports import UnresolvableReferenceError, resolve_callable
 
 WHOLE_OUTPUT = ""
 MAX_OUTPUT_ELEMENTS = 10_000_000
@@ -68,13 +80,39 @@ def normalize_output(raw: Any) -> dict[str, np.ndarray]:
     return {WHOLE_OUTPUT: _as_array("<return value>", raw)}
 
 
+def worker_name() -> str:
+    """The Dask worker running this task (its address), or ``"this process"`` outside one."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return "this process"
+    return str(worker.name) if worker.name != worker.address else str(worker.address)
+
+
+def resolve_on_worker(reference: str | Callable[..., Any]) -> Callable[..., Any]:
+    """The callable a ``module:callable`` reference names, imported here; a callable as is."""
+    if not isinstance(reference, str):
+        return reference
+    try:
+        return resolve_callable(reference)  # modules are imported once per process, then cached
+    except UnresolvableReferenceError:
+        importlib.invalidate_caches()  # a module shipped a moment ago (simcal.shipping)
+    try:
+        return resolve_callable(reference)
+    except UnresolvableReferenceError as exc:
+        raise ModelImportError(f"worker {worker_name()}: {exc}") from None
+
+
 def run_replicate(
-    model: Callable[..., Any],
+    model: Callable[..., Any] | str,
     params: Mapping[str, float],
     seed: int,
     model_options: Mapping[str, Any],
 ) -> ReplicateOutput:
     """Run the model once and validate what it returned."""
+    model = resolve_on_worker(model)
     start = time.perf_counter()
     raw = model(dict(params), int(seed), **dict(model_options))
     outputs = normalize_output(raw)
@@ -113,10 +151,11 @@ def aggregate(
     target: str,
     output_key: str,
     observed: np.ndarray,
-    loss: Callable[[np.ndarray, np.ndarray], float],
+    loss: Callable[[np.ndarray, np.ndarray], float] | str,
     *replicates: ReplicateOutput,
 ) -> TargetLoss:
     """Stack the replicates' outputs for one target and compute its loss."""
+    loss = resolve_on_worker(loss)
     start = time.perf_counter()
     evaluate = getattr(loss, "evaluate", None)  # simcal.targets.Objective: aligns and combines
     arrays = [_select(replicate, output_key) for replicate in replicates]
