@@ -130,7 +130,7 @@ def test_probe_parameters_are_range_midpoints(tmp_path: Path) -> None:
 
 def test_local_probe_names_a_shape_mismatch(tmp_path: Path) -> None:
     config = load_config(_project(tmp_path, model_options={"length": 7}))
-    with pytest.raises(ProbeError, match=r"shape \(7,\), the observed data has shape \(10,\)"):
+    with pytest.raises(ProbeError, match=r"shape \(7,\), observed data has shape \(10,\)"):
         probe_locally(config)
     config = load_config(_project(tmp_path, targets=[
         {"name": "incidence", "observed": "incidence.csv", "output": "deaths"}
@@ -270,7 +270,7 @@ def test_probe_cluster_fails_on_a_shape_mismatch_and_passes_a_fitting_model(clie
     assert probe_cluster(service, _synthetic(tmp_path)) == []  # nothing to ship
     (tmp_path / "short.csv").write_text("y\n0\n0\n0\n", encoding="utf-8")
     wrong = _synthetic(tmp_path, targets=[{"name": "y", "observed": "short.csv"}])
-    with pytest.raises(ProbeError, match=r"the observed data has shape \(3,\)"):
+    with pytest.raises(ProbeError, match=r"shape \(16,\), observed data has shape \(3,\)"):
         probe_cluster(service, wrong)
 
 

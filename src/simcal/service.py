@@ -22,7 +22,7 @@ from distributed.client import FuturesCancelledError
 
 from simcal.config import TargetSpec
 from simcal.failures import NonFiniteLossError, ResultLostError
-from simcal.targets import BUILTIN, load_observed
+from simcal.targets import load_observed, make_objective
 from simcal.tasks import aggregate, run_replicate
 
 __all__ = ["NonFiniteLossError", "ResultStream", "SimulationService", "replicate_seed"]
@@ -99,9 +99,10 @@ class SimulationService:
         (the driver passes them, loaded once). A user's loss goes as its ``module:callable``
         reference and is imported on the worker, like the model.
         """
-        observed = load_observed(target) if observed is None else observed
         if loss is None:
-            loss = BUILTIN.get(target.loss) or target.loss
+            loss = make_objective(target)  # a user's loss inside it is a reference
+        if observed is None:
+            observed = load_observed(target)
         return self.client.submit(
             aggregate,
             target.name,
