@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from conftest import SIMCAL, run_simcal, write_config
-from simcal.storage import FAIL_REASON, INTERRUPTED, RETRY_OF, counted_trials
+from simcal.trials import FAIL_REASON, INTERRUPTED, RETRY_OF, counted_trials
 
 MAX_TRIALS = 40
 

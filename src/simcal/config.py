@@ -103,6 +103,10 @@ class CalibrationConfig(_Strict):
     storage: str = Field(default="sqlite:///simcal.db", min_length=1)
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
+    # Several drivers on one study: each renews a lease every lease_interval seconds; another
+    # driver re-enqueues the RUNNING trials of a lease older than lease_grace (simcal.trials).
+    lease_interval: float = Field(default=5.0, gt=0, le=3600)
+    lease_grace: float = Field(default=30.0, gt=0, le=24 * 3600)
 
     @field_validator("model")
     @classmethod
@@ -115,6 +119,12 @@ class CalibrationConfig(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be 'auto' or an integer >= 1")
         return value
+
+    @model_validator(mode="after")
+    def _lease_grace_spans_renewals(self) -> CalibrationConfig:
+        if self.lease_grace < 2 * self.lease_interval:
+            raise ValueError("lease_grace: must be at least twice lease_interval")
+        return self
 
     @model_validator(mode="after")
     def _unique_target_names(self) -> CalibrationConfig:

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from simcal.driver import RunStats
-from simcal.storage import FAIL_REASON, INTERRUPTED
+from simcal.trials import FAIL_REASON, HOST, INTERRUPTED, RETRY_OF, RUN_ID
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
@@ -24,8 +24,10 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "loss": trial.value if trial.state == TrialState.COMPLETE else None,
         "fail_reason": trial.user_attrs.get(FAIL_REASON),
         "error": trial.user_attrs.get("error"),
-        "retry_of": trial.user_attrs.get("retry_of"),
+        "retry_of": trial.user_attrs.get(RETRY_OF),
         "duration_seconds": trial.user_attrs.get("duration_seconds"),
+        "run_id": trial.user_attrs.get(RUN_ID),  # the driver that ran it
+        "host": trial.user_attrs.get(HOST),  # its pod ($POD_NAME) or hostname
     }
     row.update({f"param_{k}": v for k, v in trial.params.items()})
     row.update({k: v for k, v in trial.user_attrs.items() if k.startswith("loss_")})
@@ -66,9 +68,13 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "trials_per_minute": round(stats.completed / minutes, 3) if stats.completed else 0.0,
         "errors": dict(Counter(t.user_attrs.get(FAIL_REASON, "unknown") for t in failed)),
         "this_run": {
+            "run_id": stats.run_id,
+            "host": stats.host,
             "completed": stats.completed,
             "failed": stats.failed,
             "interrupted": stats.interrupted,
+            "recovered_from_other_drivers": stats.recovered,
+            "dropped_told_by_another_driver": stats.taken_over,
             "errors": stats.errors,
             "elapsed_seconds": round(stats.elapsed, 3),
             "stop_reason": stats.stop_reason,
