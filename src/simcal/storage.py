@@ -101,16 +101,7 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
     if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
         engine_kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
     try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=False
-        )
-        return optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            sampler=sampler,
-            direction="minimize",
-            load_if_exists=True,
-        )
+        return _create_study(url, engine_kwargs, study_name, sampler)
     except (
         sqlalchemy.exc.SQLAlchemyError,
         optuna.exceptions.StorageInternalError,
@@ -123,3 +114,36 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
         lines = str(cause or exc).strip().splitlines() or [type(exc).__name__]
         reason = _scrub(lines[0], url)
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+
+
+def _create_study(
+    url: str,
+    engine_kwargs: dict[str, object],
+    study_name: str,
+    sampler: optuna.samplers.BaseSampler,
+    attempts: int = 5,
+) -> optuna.Study:
+    """Create the tables and the study, or load them. Drivers started together race to create
+    the tables ("already exists") or the study (unique name): the loser tries again and loads."""
+    for attempt in range(1, attempts + 1):
+        try:
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, skip_table_creation=False
+            )
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                sampler=sampler,
+                direction="minimize",
+                load_if_exists=True,
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            cause = exc.__cause__ or exc
+            raced = isinstance(cause, sqlalchemy.exc.IntegrityError) or "already exists" in str(
+                cause
+            )
+            if not raced or attempt == attempts:
+                raise
+            log.info("another driver is creating the storage; retrying (%s)", type(cause).__name__)
+            time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
