@@ -40,6 +40,7 @@ from simcal.trials import (
     set_owner,
     tally,
     tell,
+    throttled_reads,
     with_retries,
 )
 
@@ -158,7 +159,8 @@ class Calibration:
         lease = DriverLease(self.study, self.service.run_id, interval=self.config.lease_interval)
         lease.start()
         try:
-            return self._run(started)
+            with throttled_reads(self.study):
+                return self._run(started)
         finally:
             lease.release()
 

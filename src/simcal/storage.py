@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
@@ -130,6 +131,7 @@ def _create_study(
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, skip_table_creation=False
             )
+            _tune_sqlite(storage.engine)
             return optuna.create_study(
                 study_name=study_name,
                 storage=storage,
@@ -147,3 +149,25 @@ def _create_study(
             log.info("another driver is creating the storage; retrying (%s)", type(cause).__name__)
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+def _sqlite_pragmas(connection: object, _record: object) -> None:
+    cursor = connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """SQLite in write-ahead-log mode with ``synchronous=NORMAL`` (docs/performance.md).
+
+    A commit appends to the log without an fsync; checkpoints fsync. A killed process loses
+    nothing committed (the log is in the OS's page cache); a power loss or kernel crash may
+    lose the last commits before a checkpoint, never the database's consistency. Readers do
+    not block the writer. Every new connection gets the pragmas; the pool is emptied so the
+    connection Optuna used to create the tables does not keep the old settings.
+    """
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return
+    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()

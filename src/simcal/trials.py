@@ -16,6 +16,7 @@ the only one that touches Optuna's private storage internals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -230,6 +231,38 @@ def set_owner(trial: optuna.Trial, run_id: str, host: str) -> None:
             rdb._set_trial_attr_without_commit(
                 session, models.TrialUserAttributeModel, trial_id(trial), key, value
             )
+
+
+@contextlib.contextmanager
+def throttled_reads(study: optuna.Study, seconds: float = 0.5) -> Iterator[None]:
+    """Within the block, read other drivers' changes to the study at most every ``seconds``
+    (RDB storage only); after it, every read is fresh again.
+
+    Optuna re-reads every unfinished trial (with its params and attributes: six queries) on
+    each ``get_trials``, and one ask calls it three to four times: most of an ask's cost on
+    SQLite. Between reads the study's cached view serves them. What this driver writes is in
+    that view at once except the parameters of its own newest trials (the constant liar sees
+    them up to ``seconds`` late); other drivers' trials show up within ``seconds``. Counting
+    the budget (:func:`tally`), telling and claiming read the database directly.
+    """
+    cached = study._storage
+    read = getattr(cached, "_read_trials_from_remote_storage", None)
+    if read is None or _rdb(study) is None:
+        yield
+        return
+    last: dict[int, float] = {}
+
+    def throttled(study_id: int) -> None:
+        now = time.monotonic()
+        if now - last.get(study_id, -math.inf) >= seconds:
+            read(study_id)
+            last[study_id] = time.monotonic()
+
+    cached._read_trials_from_remote_storage = throttled
+    try:
+        yield
+    finally:
+        del cached._read_trials_from_remote_storage  # the class's method again
 
 
 # -- interrupting and re-enqueuing ---------------------------------------------------------------

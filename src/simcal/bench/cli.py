@@ -29,6 +29,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         default="memory",
         help="Optuna storage of the throughput runs (a temporary SQLite file, or in memory)",
     )
+    bench.add_argument(
+        "--storages",
+        help="compare storages instead of the suite: a comma list of memory, default, sqlite, "
+        "postgresql (streaming, W=8, d=0.05 and 0.2 s, R=5)",
+    )
+    bench.add_argument("--postgres-url", help="the PostgreSQL URL for --storages postgresql")
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -39,6 +45,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.storages:
+        return _compare_storages(args)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     log.info("simcal bench, %s settings; results in %s", settings.name, args.out)
     results = run_suite(settings, storage=args.storage)
@@ -46,4 +54,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(to_markdown(results))
     for kind, path in paths.items():
         log.info("wrote %s: %s", kind, path)
+    return 0
+
+
+def _compare_storages(args: argparse.Namespace) -> int:
+    import json
+
+    from simcal.bench.storages import compare_storages, storage_urls, storages_markdown
+    from simcal.config import ConfigError
+
+    names = [name.strip() for name in args.storages.split(",") if name.strip()]
+    try:
+        storage_urls(names, "/tmp", args.postgres_url)
+    except ValueError as exc:
+        raise ConfigError(f"--storages: {exc}") from None
+    if args.quick:
+        result = compare_storages(
+            names, args.postgres_url, workers=2, durations=(0.05,), replicates=2, seconds=1.5,
+            rounds=1,
+        )
+    else:
+        result = compare_storages(names, args.postgres_url)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "storages.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = storages_markdown(result)
+    (args.out / "storages.md").write_text(text)
+    print(text)
     return 0
