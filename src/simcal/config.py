@@ -83,6 +83,26 @@ class TargetSpec(_Strict):
         return self.output or self.name
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")  # the storages simcal tests and supports
+
+
+def check_storage_backend(url: str) -> str:
+    """``url`` if it names a supported database backend. A URL that does not parse is left
+    to :func:`simcal.storage.open_study`, which says why."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception:
+        return url
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"storage backend {backend!r} is not supported: use sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST/DB"
+        )
+    return url
+
+
 class CalibrationConfig(_Strict):
     """Everything one calibration job needs, validated."""
 
@@ -112,6 +132,11 @@ class CalibrationConfig(_Strict):
     @classmethod
     def _model_imports(cls, value: str) -> str:
         return _check_callable(value)
+
+    @field_validator("storage")
+    @classmethod
+    def _supported_backend(cls, value: str) -> str:
+        return check_storage_backend(value)
 
     @field_validator("max_in_flight")
     @classmethod
