@@ -9,11 +9,12 @@ Dask futures beyond handing them back to :class:`SimulationService`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -204,9 +205,11 @@ class Calibration:
             if not self._inflight:
                 if self._finished():
                     return
-                time.sleep(POLL_SECONDS)  # other drivers' trials are still open
+                self._wait_for_others()
                 continue
-            for future, outcome in stream.next_batch(timeout=POLL_SECONDS):
+            with self._waiting():
+                batch = stream.next_batch(timeout=POLL_SECONDS)
+            for future, outcome in batch:
                 self._record(future.key, outcome)
             self._expire_timed_out()
             if self._grace_over():
@@ -221,11 +224,12 @@ class Calibration:
             if not runs:
                 if self._finished():
                     return
-                time.sleep(POLL_SECONDS)  # other drivers' trials are still open
+                self._wait_for_others()
                 continue
             keys = [key for run in runs for key in run.aggregations]
             futures = [f for run in runs for f in run.aggregation_futures]
-            outcomes = self._gather(futures, self.config.trial_timeout)
+            with self._waiting():
+                outcomes = self._gather(futures, self.config.trial_timeout)
             for key, outcome in zip(keys, outcomes, strict=True):
                 self._record(key, outcome)
             self._report()
@@ -253,9 +257,32 @@ class Calibration:
             return auto_in_flight(self._threads, self.config.replicates)
         return int(self.config.max_in_flight)
 
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Time the loop spends waiting for results (simcal_driver_busy_ratio)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.driver_waited(time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def _storage(self, operation: str) -> Iterator[None]:
+        """Time one storage operation (simcal_storage_seconds): ask, tell or other."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.storage_time(operation, time.perf_counter() - started)
+
+    def _wait_for_others(self) -> None:
+        with self._waiting():
+            time.sleep(POLL_SECONDS)  # other drivers' trials are still open
+
     def _count(self) -> Tally:
         """Read the study's budget tally (every driver's trials) from storage."""
-        self._tally = with_retries(lambda: tally(self.study), what="count trials")
+        with self._storage("other"):
+            self._tally = with_retries(lambda: tally(self.study), what="count trials")
         self._counted = self._tally.counted
         return self._tally
 
@@ -285,7 +312,8 @@ class Calibration:
         if not force and now - self._last_recovery < self.config.lease_interval:
             return
         self._last_recovery = now
-        recovered = recover_stale(self.study, self.service.run_id, self.config.lease_grace)
+        with self._storage("other"):
+            recovered = recover_stale(self.study, self.service.run_id, self.config.lease_grace)
         if recovered:
             self._stats.recovered += len(recovered)
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
@@ -294,8 +322,9 @@ class Calibration:
         """Ask a trial and record this driver as its owner. An ask that fails after creating
         its trial leaves it without an owner: any driver recovers it once ``lease_grace`` has
         passed."""
-        trial = with_retries(lambda: self.study.ask(self._distributions), what="ask")
-        with_retries(lambda: set_owner(trial, self.service.run_id, self._host), what="ask")
+        with self._storage("ask"):
+            trial = with_retries(lambda: self.study.ask(self._distributions), what="ask")
+            with_retries(lambda: set_owner(trial, self.service.run_id, self._host), what="ask")
         return trial
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
@@ -359,7 +388,9 @@ class Calibration:
         attrs: dict[str, object] = {f"loss_{item.target}": item.loss for item in losses}
         attrs[DURATION] = round(seconds, 4)
         attrs["task_seconds"] = round(task_seconds, 4)
-        if not tell(self.study, run.trial, total, attrs=attrs, what="tell"):
+        with self._storage("tell"):
+            told = tell(self.study, run.trial, total, attrs=attrs, what="tell")
+        if not told:
             self._stats.taken_over += 1
             return
         self._counted += 1
@@ -372,7 +403,9 @@ class Calibration:
         self.service.cancel(run.futures)
         reason = classify(error)
         attrs = {FAIL_REASON: reason.value, ERROR: describe(error), DURATION: round(seconds, 4)}
-        if not tell(self.study, run.trial, state=TrialState.FAIL, attrs=attrs, what="tell failed"):
+        with self._storage("tell"):
+            told = tell(self.study, run.trial, state=TrialState.FAIL, attrs=attrs, what="tell")
+        if not told:
             self._stats.taken_over += 1
             return
         self._counted += 1
@@ -402,7 +435,9 @@ class Calibration:
                 self.service.cancel(run.futures)
             except Exception as exc:  # the scheduler may be gone; storage matters more
                 log.debug("cancel failed: %s", exc)
-            if requeue(self.study, run.trial):
+            with self._storage("tell"):
+                requeued = requeue(self.study, run.trial)
+            if requeued:
                 self._stats.interrupted += 1
         if runs:
             log.info("re-enqueued %d unfinished trial(s) for the next run", len(runs))

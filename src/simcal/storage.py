@@ -140,13 +140,14 @@ def _create_study(
                 load_if_exists=True,
             )
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            cause = exc.__cause__ or exc
-            raced = isinstance(cause, sqlalchemy.exc.IntegrityError) or "already exists" in str(
-                cause
+            # StorageInternalError wraps SQLAlchemy's error; SQLAlchemy's wraps the driver's
+            errors = (exc, exc.__cause__)
+            raced = any(isinstance(e, sqlalchemy.exc.IntegrityError) for e in errors) or any(
+                "already exists" in str(e) for e in errors
             )
             if not raced or attempt == attempts:
                 raise
-            log.info("another driver is creating the storage; retrying (%s)", type(cause).__name__)
+            log.info("another driver is creating the storage; retrying (%s)", type(exc).__name__)
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
 
