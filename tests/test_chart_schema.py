@@ -212,5 +212,5 @@ def test_parallel_drivers_are_an_indexed_job_on_postgresql():
 
 
 def test_parallel_drivers_refuse_a_shared_sqlite_volume():
-    with pytest.raises(Exception, match="driver.parallelism > 1 needs PostgreSQL"):
+    with pytest.raises(Exception, match=r"driver\.parallelism > 1 needs PostgreSQL"):
         render({"driver": {"parallelism": 2}})

@@ -280,8 +280,10 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     attrs = {FAIL_REASON: INTERRUPTED}
     if not tell(study, trial, state=TrialState.FAIL, attrs=attrs, what="interrupt trial"):
         return False
-    if trial.params:
-        params = dict(trial.params)
+    # a popped retry killed before its suggest still has its parameters as fixed_params
+    system_attrs = getattr(trial, "system_attrs", None) or {}
+    params = {**system_attrs.get("fixed_params", {}), **trial.params}
+    if params:
         with_retries(
             lambda: study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number}),
             what="re-enqueue trial",
