@@ -165,6 +165,8 @@ class Submission:
         env: list[dict[str, Any]] = [
             {"name": "HOME", "value": "/home/simcal"},
             {"name": "PYTHONUNBUFFERED", "value": "1"},
+            # stored on each trial (`simcal results`: host), as the chart's driver does
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ]
         if not self.sqlite:
             secret = {"name": self.storage_secret, "key": "url"}
