@@ -130,3 +130,11 @@ def test_an_unsupported_storage_backend_exits_2_naming_it(url: str, tmp_path: Pa
     assert f"storage: storage backend {backend!r} is not supported" in result.stderr
     assert "Traceback" not in result.stderr and "pw-Zq81" not in result.stderr
     assert not list(tmp_path.iterdir())  # nothing created
+
+
+def test_lease_grace_must_span_two_renewals() -> None:
+    from simcal.config import ConfigError, demo_config
+
+    with pytest.raises(ConfigError, match="lease_grace: must be at least twice lease_interval"):
+        demo_config({"lease_interval": 5, "lease_grace": 9})
+    assert demo_config({"lease_interval": 1, "lease_grace": 2}).lease_grace == 2
