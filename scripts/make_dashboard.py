@@ -216,6 +216,46 @@ def panels() -> list[dict[str, Any]]:
             maximum=1,
             threshold=0.1,
         ),
+        timeseries(
+            "Driver busy",
+            "Share of wall time each driver loop works (ask, tell, submit, bookkeeping) rather "
+            "than waits for results, trailing window; the study's average (dashed) is what "
+            "SimcalDriverSaturated uses: above 0.9 for 10m while utilization is below 0.7.",
+            [
+                target("A", f"simcal_driver_busy_ratio{{{STUDY}}}", "{{study}} {{instance}}"),
+                target(
+                    "B",
+                    f"avg by (study) (simcal_driver_busy_ratio{{{STUDY}}})",
+                    "{{study}} average",
+                ),
+            ],
+            (0, 32, 12, 8),
+            unit="percentunit",
+            maximum=1,
+            threshold=0.9,
+            overrides=[dashed("B")],
+        ),
+        timeseries(
+            "Storage time per operation",
+            "p50 and p95 seconds of the drivers' storage operations (ask, tell, other: budget "
+            "counts and recovery), all drivers of the study together.",
+            [
+                target(
+                    "A",
+                    "histogram_quantile(0.5, sum by (study, operation, le) "
+                    f"(rate(simcal_storage_seconds_bucket{{{STUDY}}}[{rate}])))",
+                    "{{study}} {{operation}} p50",
+                ),
+                target(
+                    "B",
+                    "histogram_quantile(0.95, sum by (study, operation, le) "
+                    f"(rate(simcal_storage_seconds_bucket{{{STUDY}}}[{rate}])))",
+                    "{{study}} {{operation}} p95",
+                ),
+            ],
+            (12, 32, 12, 8),
+            unit="s",
+        ),
     ]
     for number, panel in enumerate(items, start=1):
         panel["id"] = number

@@ -14,6 +14,7 @@ DESIGN_ALERTS = {
     "SimcalNoProgress",
     "SimcalWorkersBelowMinimum",
     "SimcalDriverDown",
+    "SimcalDriverSaturated",
 }
 
 

@@ -22,6 +22,7 @@ EXPECTED_FOR = {
     "SimcalThroughputRegression": "10m",
     "SimcalLowWorkerUtilization": "15m",
     "SimcalWorkersBelowMinimum": "5m",
+    "SimcalDriverSaturated": "10m",
 }
 
 
@@ -139,6 +140,20 @@ def test_every_alert_has_firing_and_quiet_cases():
 # Mutation tests: break one condition of the rules and check that the promtool scenario
 # guarding it fails. They prove the unit tests constrain the edge cases, not just run.
 MUTATIONS = [
+    pytest.param(
+        "(avg by (study) (simcal_driver_busy_ratio) > 0.9)",
+        "(avg by (study) (simcal_driver_busy_ratio) > 0.99)",
+        "driver_saturated.yaml",
+        "two saturated drivers with idle workers fire after 10 minutes",
+        id="saturated-threshold",
+    ),
+    pytest.param(
+        "(avg by (study) (simcal_worker_utilization_ratio) < 0.7)",
+        "(avg by (study) (simcal_worker_utilization_ratio) < 1.0)",
+        "driver_saturated.yaml",
+        "a busy driver that keeps the workers fed does not fire",
+        id="saturated-utilization-guard",
+    ),
     pytest.param(
         "0.7 * simcal:trials_per_minute:baseline3h",
         "0.4 * simcal:trials_per_minute:baseline3h",

@@ -37,9 +37,10 @@ from simcal.driver import Calibration
 from simcal.failures import ModelOutputError, NonFiniteLossError
 from simcal.metrics import Metrics
 from simcal.service import SimulationService
-from simcal.storage import FAIL_REASON, make_sampler, open_study
+from simcal.storage import make_sampler, open_study
 from simcal.targets import mse
 from simcal.tasks import MAX_OUTPUT_ELEMENTS, aggregate, run_replicate
+from simcal.trials import FAIL_REASON
 
 SETTINGS = {
     "deadline": None,

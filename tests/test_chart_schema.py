@@ -85,6 +85,9 @@ def test_rejects_an_unknown_top_level_key():
         ({"image": {"digest": "latest"}}, "/image/digest"),
         ({"driver": {"restartPolicy": "Always"}}, "/driver/restartPolicy"),
         ({"driver": {"backoffLimit": -1}}, "/driver/backoffLimit"),
+        ({"driver": {"parallelism": 0}}, "/driver/parallelism"),
+        ({"driver": {"parallelism": -1}}, "/driver/parallelism"),
+        ({"driver": {"parallelism": "two"}}, "/driver/parallelism"),
         ({"driver": {"extraArgs": "--max-trials 5"}}, "/driver/extraArgs"),
         ({"monitoring": {"prometheusOperator": "yes"}}, "/monitoring/prometheusOperator"),
         ({"monitoring": {"interval": "30"}}, "/monitoring/interval"),
@@ -194,3 +197,20 @@ def test_calibration_schema_matches_simcal_config(schema):
     required = {name for name, f in fields.items() if f.is_required()}
     assert set(calibration["required"]) == required
     assert calibration["additionalProperties"] is False
+
+
+def test_parallel_drivers_are_an_indexed_job_on_postgresql():
+    values = {"driver": {"parallelism": 3}, "storage": {"existingSecret": "simcal-db"}}
+    job = find(render(values), "Job")
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 3)
+    assert job["spec"]["parallelism"] == 3
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    pod_name = next(e for e in container["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    single = find(render({}), "Job")["spec"]
+    assert "completionMode" not in single and "parallelism" not in single
+
+
+def test_parallel_drivers_refuse_a_shared_sqlite_volume():
+    with pytest.raises(Exception, match=r"driver\.parallelism > 1 needs PostgreSQL"):
+        render({"driver": {"parallelism": 2}})

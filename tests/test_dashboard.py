@@ -148,6 +148,11 @@ REQUIRED_PANELS = {
     ],
     "best loss": ["simcal_best_loss{"],
     "dask scheduler task states": ["dask_scheduler_tasks", "by (state)"],
+    "driver busy ratio": ["simcal_driver_busy_ratio{", "avg by (study)"],
+    "storage time per operation": [
+        "simcal_storage_seconds_bucket{",
+        "by (study, operation, le)",
+    ],
 }
 
 

@@ -16,7 +16,8 @@ from simcal.driver import Calibration, RunStats
 from simcal.metrics import Metrics
 from simcal.models.seir import TRUE_PARAMS
 from simcal.service import SimulationService
-from simcal.storage import FAIL_REASON, make_sampler, open_study
+from simcal.storage import make_sampler, open_study
+from simcal.trials import FAIL_REASON
 
 SYNTHETIC: dict[str, Any] = {
     "study": "synthetic",

@@ -112,6 +112,8 @@ def _kill_then_resume(tmp_path: Path, storage: str, study: str) -> None:
     config = write_config(
         tmp_path, study=study, model_options={"duration": 0.5}, replicates=2,
         max_trials=max_trials, sampler="random",
+        # the re-run recovers the killed driver's trials once its lease is stale
+        lease_interval=1.0, lease_grace=4.0,
     )
     with stopping() as procs:
         driver = simcal_run(config, tmp_path, "--workers", WORKERS, "--storage", storage)

@@ -37,7 +37,18 @@ from dask_kubernetes.operator.controller import (
 from calibration_run import assert_calibrated, driver_summary
 from chart import expand_k8s_vars, find, local_mounts, mount_rewriter, render
 from conftest import run_simcal
-from processes import free_port, start, stopping, stored_trials, wait_until
+from processes import (
+    STUDY_OPEN,
+    assert_no_loss,
+    finished,
+    free_port,
+    start,
+    start_scheduler,
+    start_workers,
+    stopping,
+    stored_trials,
+    wait_until,
+)
 
 RELEASE, NAMESPACE, STUDY, TRIALS = "smoke", "ci", "smoke-test", 12
 VALUES = {
@@ -105,8 +116,13 @@ def localize(
     def local_text(text: str) -> str:
         return local_paths(IN_CLUSTER_SCHEDULER.sub(f"tcp://127.0.0.1:{scheduler_port}", text))
 
-    assert all("value" in e for e in container.get("env", [])), "only literal env values here"
-    env = {e["name"]: local_text(e["value"]) for e in container.get("env", [])}
+    env = {}
+    for item in container.get("env", []):
+        if item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env[item["name"]] = name  # the downward API's pod name
+            continue
+        assert "value" in item, f"only literal env values and the pod name here: {item}"
+        env[item["name"]] = local_text(item["value"])
     args = [local_text(expand_k8s_vars(a, env)) for a in container["args"]]
     for i, option in enumerate(args[:-1]):
         port = args[i + 1].rpartition(":")[2]
@@ -291,3 +307,62 @@ def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
     assert lines[0].startswith("number,") and len(lines) == 1 + 8, printed.stdout
+
+
+def test_helm_upgrade_mid_run_loses_and_duplicates_nothing(tmp_path):
+    """Two revisions' driver Jobs overlap, as during `helm upgrade`: revision 2's driver starts
+    while revision 1's runs on the same storage (the PVC), then revision 1's pod gets SIGTERM
+    (Helm deletes the old Job). Every trial is counted once and the budget is exact."""
+    trials = 80
+    values = {
+        **VALUES,
+        "calibration": {
+            **VALUES["calibration"], "max_trials": trials, "sampler": "random",
+            "model_options": {"duration": 0.3}, "replicates": 2, "grace_period": 2,
+            "lease_interval": 1, "lease_grace": 4,
+        },
+        "workers": {"replicas": 3, "minReplicas": 3},
+    }
+    scheduler_proc, address = start_scheduler(tmp_path)
+    port = int(address.rpartition(":")[2])
+    drivers = []
+    for revision in (1, 2):
+        objects = render(values, name=RELEASE, namespace=NAMESPACE, revision=revision)
+        config_maps = {
+            c["metadata"]["name"]: c["data"] for c in objects if c["kind"] == "ConfigMap"
+        }
+        job = find(objects, "Job")
+        assert job["metadata"]["name"].endswith(f"-driver-{revision}")
+        name = job["metadata"]["name"]
+        drivers.append(localize(name, job["spec"]["template"]["spec"], tmp_path, port, config_maps))
+    # one PVC: revision 2's /data is revision 1's
+    data = [Path(d.argv[d.argv.index("--storage") + 1].removeprefix("sqlite:///")).parent
+            for d in drivers]
+    data[1].rmdir()
+    data[1].symlink_to(data[0], target_is_directory=True)
+    storage = drivers[0].argv[drivers[0].argv.index("--storage") + 1]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with stopping(scheduler_proc) as procs:
+        procs.append(start_workers(address, logs, nworkers=3))
+        old = start("driver-rev1", drivers[0].argv, logs, env=drivers[0].env)
+        procs.append(old)
+        wait_until(lambda: len(finished(stored_trials(storage, STUDY))) >= 5
+                   if old.says(STUDY_OPEN) else False, 300, "revision 1 telling trials")
+        new = start("driver-rev2", drivers[1].argv, logs, env=drivers[1].env)
+        procs.append(new)
+
+        def both_told_trials() -> bool:
+            told = finished(stored_trials(storage, STUDY)) if new.says(STUDY_OPEN) else []
+            return any(t.user_attrs.get("host") == drivers[1].name for t in told)
+
+        wait_until(both_told_trials, 300, "revision 2 telling trials beside revision 1")
+        assert old.alive(), "revision 1 finished before the overlap: raise the budget"
+        old.signal(signal.SIGTERM)  # Helm deletes the old Job: its pod is terminated
+        assert old.wait(120) == 0, old.output()[-4000:]
+        assert new.wait(300) == 0, new.output()[-4000:]
+    all_trials = stored_trials(storage, STUDY)
+    assert_no_loss(all_trials, trials)  # exactly `trials` counted: one driver was stopping
+    hosts = {t.user_attrs.get("host") for t in finished(all_trials)}
+    assert hosts == {drivers[0].name, drivers[1].name}, hosts  # both ran trials (POD_NAME)
+    assert "Traceback" not in old.output() + new.output()

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO, SIMCAL, write_config
 from dashboard_queries import dashboard_queries, load_dashboard
 from simcal.models.synthetic import fault_draw
-from simcal.storage import FAIL_REASON
+from simcal.trials import FAIL_REASON
 
 RULES = REPO / "helm" / "simcal" / "files" / "prometheus-rules.yaml"
 RUN_SECONDS = 330

@@ -14,7 +14,8 @@ from simcal.config import validate_config
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
 from simcal.service import SimulationService
-from simcal.storage import counted_trials, make_sampler, open_study
+from simcal.storage import make_sampler, open_study
+from simcal.trials import counted_trials
 
 
 class RecordingService(SimulationService):

@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from conftest import SIMCAL, run_simcal, write_config
-from simcal.storage import FAIL_REASON, INTERRUPTED, RETRY_OF, counted_trials
+from simcal.trials import FAIL_REASON, INTERRUPTED, RETRY_OF, counted_trials
 
 MAX_TRIALS = 40
 
@@ -81,6 +81,8 @@ def test_sigkilled_driver_resumes_without_loss_on_sqlite(tmp_path: Path) -> None
         tmp_path,
         study="resume",
         max_trials=MAX_TRIALS,
+        lease_interval=1.0,  # the re-run recovers the killed run's trials once its lease
+        lease_grace=4.0,  # is stale (lease_grace), no longer at once
         replicates=2,
         model_options={"duration": 0.3},
     )

@@ -33,7 +33,8 @@ from optuna.trial import TrialState
 from conftest import run_simcal, write_config
 from pgserver import postgres_bin, postgres_server
 from processes import HOST, free_port, simcal_run, stopping, wait_until
-from simcal.storage import StorageError, make_sampler, open_study, redact, with_retries
+from simcal.storage import StorageError, make_sampler, open_study, redact
+from simcal.trials import with_retries
 
 PASSWORD = "s3cret-Zq81x"  # distinctive: a plain substring search finds any leak
 NOBODY = 65534
@@ -241,7 +242,7 @@ def test_with_retries_waits_out_a_locked_sqlite_database(
         with pytest.raises(optuna.exceptions.StorageInternalError):
             trial.set_user_attr("probe", 1)
         started = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="simcal.storage"):
+        with caplog.at_level(logging.WARNING, logger="simcal.trials"):
             with_retries(lambda: study.tell(trial, 0.5), what="tell")
         waited = time.monotonic() - started
     retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]

@@ -149,6 +149,26 @@ class TargetSpec(_Strict):
         return self.output or self.name
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")  # the storages simcal tests and supports
+
+
+def check_storage_backend(url: str) -> str:
+    """``url`` if it names a supported database backend. A URL that does not parse is left
+    to :func:`simcal.storage.open_study`, which says why."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        backend = make_url(url).get_backend_name()
+    except Exception:
+        return url
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(
+            f"storage backend {backend!r} is not supported: use sqlite:///PATH or "
+            "postgresql://USER:PASSWORD@HOST/DB"
+        )
+    return url
+
+
 class PruningSpec(_Strict):
     """Replicate-aware pruning: judge a trial on its first replicates before running the rest."""
 
@@ -178,11 +198,20 @@ class CalibrationConfig(_Strict):
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
     pruning: PruningSpec | None = None
+    # Several drivers on one study: each renews a lease every lease_interval seconds; another
+    # driver re-enqueues the RUNNING trials of a lease older than lease_grace (simcal.trials).
+    lease_interval: float = Field(default=5.0, gt=0, le=3600)
+    lease_grace: float = Field(default=30.0, gt=0, le=24 * 3600)
 
     @field_validator("model")
     @classmethod
     def _model_imports(cls, value: str) -> str:
         return _check_callable(value)
+
+    @field_validator("storage")
+    @classmethod
+    def _supported_backend(cls, value: str) -> str:
+        return check_storage_backend(value)
 
     @field_validator("max_in_flight")
     @classmethod
@@ -190,6 +219,12 @@ class CalibrationConfig(_Strict):
         if isinstance(value, int) and value < 1:
             raise ValueError("must be 'auto' or an integer >= 1")
         return value
+
+    @model_validator(mode="after")
+    def _lease_grace_spans_renewals(self) -> CalibrationConfig:
+        if self.lease_grace < 2 * self.lease_interval:
+            raise ValueError("lease_grace: must be at least twice lease_interval")
+        return self
 
     @model_validator(mode="after")
     def _unique_target_names(self) -> CalibrationConfig:

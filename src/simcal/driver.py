@@ -10,11 +10,12 @@ Dask futures beyond handing them back to :class:`SimulationService`.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -28,17 +29,23 @@ from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.service import SimulationService
-from simcal.storage import (
-    FAIL_REASON,
-    counted_trials,
-    mark_interrupted,
-    recover_interrupted,
-    requeue,
-    tell,
-    with_retries,
-)
 from simcal.targets import make_objective
 from simcal.tasks import FIT_ATTR_PREFIX, TargetLoss
+from simcal.trials import (
+    DURATION,
+    ERROR,
+    FAIL_REASON,
+    DriverLease,
+    Tally,
+    driver_host,
+    recover_stale,
+    requeue,
+    set_owner,
+    tally,
+    tell,
+    throttled_reads,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +85,13 @@ class RunStats:
     failed: int = 0
     pruned: int = 0
     interrupted: int = 0
+    recovered: int = 0  # other drivers' stale trials this run re-enqueued
+    taken_over: int = 0  # results dropped: another driver had judged this one dead
     errors: dict[str, int] = field(default_factory=dict)
     stop_reason: str = "max_trials"
     elapsed: float = 0.0
+    run_id: str = ""  # this driver run (stored on each trial it ran)
+    host: str = ""  # $POD_NAME or hostname
 
 
 def auto_in_flight(threads: int, replicates: int) -> int:
@@ -130,7 +141,11 @@ class Calibration:
         self._inflight: dict[int, TrialRun] = {}
         self._by_key: dict[str, TrialRun] = {}
         self._stats = RunStats()
-        self._counted = 0
+        self._counted = 0  # counted trials of the study (all drivers), as last read
+        self._tally = Tally()
+        self._host = driver_host()
+        self._stats.run_id, self._stats.host = service.run_id, self._host
+        self._last_recovery = -math.inf
         self._stop_requested = threading.Event()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -153,10 +168,17 @@ class Calibration:
     def run(self) -> RunStats:
         """Run until the budget, the time limit or the target loss; returns this run's stats."""
         started = self._clock()
-        recovered = with_retries(lambda: recover_interrupted(self.study), what="resume")
-        if recovered:
-            log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
-        self._counted = with_retries(lambda: counted_trials(self.study), what="count trials")
+        lease = DriverLease(self.study, self.service.run_id, interval=self.config.lease_interval)
+        lease.start()
+        try:
+            with throttled_reads(self.study):
+                return self._run(started)
+        finally:
+            lease.release()
+
+    def _run(self, started: float) -> RunStats:
+        self._recover(force=True)
+        self._count()
         self._init_best()
         log.info(
             "study %s: %d of %d trials already done; mode %s, sampler %s",
@@ -187,12 +209,18 @@ class Calibration:
         stream = self._stream = self.service.stream()
         while True:
             self._refresh_cluster()
+            self._recover()
             if self._may_ask(started):
                 for run in self._fill():
                     stream.add(run.aggregation_futures)
             if not self._inflight:
-                return
-            for future, outcome in stream.next_batch(timeout=POLL_SECONDS):
+                if self._finished():
+                    return
+                self._wait_for_others()
+                continue
+            with self._waiting():
+                batch = stream.next_batch(timeout=POLL_SECONDS)
+            for future, outcome in batch:
                 self._record(future.key, outcome)
             self._expire_timed_out()
             if self._grace_over():
@@ -202,12 +230,17 @@ class Calibration:
     def _run_batches(self, started: float) -> None:
         while self._may_ask(started):
             self._refresh_cluster()
+            self._recover()
             runs = self._fill()
             if not runs:
-                return
+                if self._finished():
+                    return
+                self._wait_for_others()
+                continue
             keys = [key for run in runs for key in run.aggregations]
             futures = [f for run in runs for f in run.aggregation_futures]
-            outcomes = self._gather(futures, self.config.trial_timeout)
+            with self._waiting():
+                outcomes = self._gather(futures, self.config.trial_timeout)
             for key, outcome in zip(keys, outcomes, strict=True):
                 self._record(key, outcome)
             self._report()
@@ -215,10 +248,9 @@ class Calibration:
     # -- asking ------------------------------------------------------------------------------
 
     def _may_ask(self, started: float) -> bool:
+        """Whether to try asking (the budget itself is checked before each ask, in _fill)."""
         if self._stop_requested.is_set():
             return False
-        if self._counted + len(self._inflight) >= self.config.max_trials:
-            return bool(self._inflight) or self._stop("max_trials")
         if self.config.max_time is not None and self._clock() - started >= self.config.max_time:
             return self._stop("max_time")
         if self.config.target_loss is not None and self._best <= self.config.target_loss:
@@ -236,40 +268,75 @@ class Calibration:
             return auto_in_flight(self._threads, self.config.replicates)
         return int(self.config.max_in_flight)
 
+    @contextlib.contextmanager
+    def _waiting(self) -> Iterator[None]:
+        """Time the loop spends waiting for results (simcal_driver_busy_ratio)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.driver_waited(time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def _storage(self, operation: str) -> Iterator[None]:
+        """Time one storage operation (simcal_storage_seconds): ask, tell or other."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.metrics.storage_time(operation, time.perf_counter() - started)
+
+    def _wait_for_others(self) -> None:
+        with self._waiting():
+            time.sleep(POLL_SECONDS)  # other drivers' trials are still open
+
+    def _count(self) -> Tally:
+        """Read the study's budget tally (every driver's trials) from storage."""
+        with self._storage("other"):
+            self._tally = with_retries(lambda: tally(self.study), what="count trials")
+        self._counted = self._tally.counted
+        return self._tally
+
     def _fill(self) -> list[TrialRun]:
-        budget = self.config.max_trials - self._counted - len(self._inflight)
-        wanted = min(self._capacity() - len(self._inflight), budget)
-        runs = [self._submit(self._ask()) for _ in range(max(wanted, 0))]
+        """Ask trials while there is room; the budget is read afresh before each ask, so that
+        k drivers asking at once exceed ``max_trials`` by at most k - 1."""
+        runs = []
+        while len(self._inflight) < self._capacity():
+            counts = self._count()
+            if counts.committed >= self.config.max_trials and not counts.waiting:
+                break  # asks pop enqueued retries first: those do not add to the total
+            runs.append(self._submit(self._ask()))
         self.metrics.set_inflight(len(self._inflight))
         return runs
 
+    def _finished(self) -> bool:
+        """Nothing of ours in flight: done once stopping, or once no trial of the study is open
+        (another driver's may still finish, or fail over to us when its lease goes stale)."""
+        if self._stop_requested.is_set():
+            return True
+        counts = self._count()
+        return counts.committed >= self.config.max_trials and not counts.running + counts.waiting
+
+    def _recover(self, *, force: bool = False) -> None:
+        """Every lease interval: re-enqueue the RUNNING trials of drivers whose lease is stale."""
+        now = self._clock()
+        if not force and now - self._last_recovery < self.config.lease_interval:
+            return
+        self._last_recovery = now
+        with self._storage("other"):
+            recovered = recover_stale(self.study, self.service.run_id, self.config.lease_grace)
+        if recovered:
+            self._stats.recovered += len(recovered)
+            log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
+
     def _ask(self) -> optuna.Trial:
-        failed_attempts = 0
-
-        def ask() -> optuna.Trial:
-            nonlocal failed_attempts
-            try:
-                return self.study.ask(self._distributions)
-            except Exception:
-                failed_attempts += 1
-                raise
-
-        trial = with_retries(ask, what="ask")
-        if failed_attempts:  # a failed ask may have created a trial before the database failed
-            with_retries(lambda: self._tell_orphans(trial.number), what="ask")
-        with_retries(lambda: trial.set_user_attr("run_id", self.service.run_id), what="ask")
+        """Ask a trial and record this driver as its owner. An ask that fails after creating
+        its trial leaves it without an owner: any driver recovers it once ``lease_grace`` has
+        passed."""
+        with self._storage("ask"):
+            trial = with_retries(lambda: self.study.ask(self._distributions), what="ask")
+            with_retries(lambda: set_owner(trial, self.service.run_id, self._host), what="ask")
         return trial
-
-    def _tell_orphans(self, asked: int) -> None:
-        """Tell the trials a failed ``ask`` left RUNNING as interrupted (not counted)."""
-        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if frozen.number == asked or frozen.number in self._inflight:
-                continue
-            log.info("trial %d was left running by a failed ask; telling it", frozen.number)
-            if len(frozen.params) == len(self._distributions):  # e.g. a popped retry
-                requeue(self.study, frozen.number, frozen._trial_id, frozen.params)
-            else:
-                mark_interrupted(self.study, frozen.number, frozen._trial_id)
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         pruning = self.config.pruning
@@ -324,8 +391,10 @@ class Calibration:
         losses = [run.losses[name] for name in run.aggregations.values()]
         partial = sum(self._weights[item.target] * item.loss for item in losses)
         step = len(run.replicates)
-        with_retries(lambda: run.trial.report(partial, step), what="report")
-        if not with_retries(run.trial.should_prune, what="prune"):
+        with self._storage("other"):
+            with_retries(lambda: run.trial.report(partial, step), what="report")
+            prune = with_retries(run.trial.should_prune, what="prune")
+        if not prune:
             for key in run.aggregations:
                 self._by_key.pop(key, None)
             remaining = self.config.replicates - step
@@ -341,12 +410,15 @@ class Calibration:
         seconds = self._release(run)
         attrs: dict[str, object] = {f"partial_loss_{item.target}": item.loss for item in losses}
         attrs["pruned_at_replicates"] = step
-        attrs["duration_seconds"] = round(seconds, 4)
+        attrs[DURATION] = round(seconds, 4)
         attrs["task_seconds"] = round(
             losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses), 4
         )
-        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell pruned trial")
-        tell(self.study, run.trial, state=TrialState.PRUNED, what="tell pruned trial")
+        with self._storage("tell"):
+            told = tell(self.study, run.trial, state=TrialState.PRUNED, attrs=attrs, what="tell")
+        if not told:
+            self._stats.taken_over += 1
+            return
         self._counted += 1
         self._stats.pruned += 1
         self.metrics.trial_pruned(seconds)
@@ -391,14 +463,17 @@ class Calibration:
         losses = [run.losses[name] for name in run.aggregations.values()]
         total = sum(self._weights[item.target] * item.loss for item in losses)
         task_seconds = losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses)
-        attrs = {f"loss_{item.target}": item.loss for item in losses}
-        attrs["duration_seconds"] = round(seconds, 4)
+        attrs: dict[str, object] = {f"loss_{item.target}": item.loss for item in losses}
+        attrs[DURATION] = round(seconds, 4)
         attrs["task_seconds"] = round(task_seconds, 4)
         improved = total < self._best
         if self._among_best(total):  # what the report's fit figure shows (docs/architecture.md)
             attrs.update({f"{FIT_ATTR_PREFIX}{i.target}": i.summary for i in losses if i.summary})
-        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell")
-        tell(self.study, run.trial, total, what="tell")
+        with self._storage("tell"):
+            told = tell(self.study, run.trial, total, attrs=attrs, what="tell")
+        if not told:
+            self._stats.taken_over += 1
+            return
         self._counted += 1
         self._stats.completed += 1
         if improved:
@@ -409,23 +484,17 @@ class Calibration:
         seconds = self._release(run)
         self.service.cancel(run.futures)
         reason = classify(error)
-        attrs = {
-            FAIL_REASON: reason.value,
-            "error": describe(error),
-            "duration_seconds": round(seconds, 4),
-        }
-        with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell failed trial")
-        tell(self.study, run.trial, state=TrialState.FAIL, what="tell failed trial")
+        attrs = {FAIL_REASON: reason.value, ERROR: describe(error), DURATION: round(seconds, 4)}
+        with self._storage("tell"):
+            told = tell(self.study, run.trial, state=TrialState.FAIL, attrs=attrs, what="tell")
+        if not told:
+            self._stats.taken_over += 1
+            return
         self._counted += 1
         self._stats.failed += 1
         self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
         self.metrics.trial_failed(reason, seconds)
         log.debug("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
-
-    @staticmethod
-    def _set_attrs(trial: optuna.Trial, attrs: dict[str, object]) -> None:
-        for key, value in attrs.items():  # idempotent: safe to retry as a whole
-            trial.set_user_attr(key, value)
 
     def _expire_timed_out(self) -> None:
         now = self._clock()
@@ -448,13 +517,10 @@ class Calibration:
                 self.service.cancel(run.futures)
             except Exception as exc:  # the scheduler may be gone; storage matters more
                 log.debug("cancel failed: %s", exc)
-            with_retries(
-                lambda run=run: requeue(
-                    self.study, run.trial.number, run.trial._trial_id, run.trial.params
-                ),
-                what="re-enqueue interrupted trial",
-            )
-            self._stats.interrupted += 1
+            with self._storage("tell"):
+                requeued = requeue(self.study, run.trial)
+            if requeued:
+                self._stats.interrupted += 1
         if runs:
             log.info("re-enqueued %d unfinished trial(s) for the next run", len(runs))
 

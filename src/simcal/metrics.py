@@ -25,6 +25,8 @@ from prometheus_client import (
 from simcal.failures import FailureReason
 
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STORAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+STORAGE_OPERATIONS = ("ask", "tell", "other")
 
 
 class TrailingWindow:
@@ -140,6 +142,41 @@ class Metrics:
         # trailing-window gauges: computed when scraped, from the windows the driver feeds
         self.trials_per_minute.labels(study).set_function(self._trials_per_minute)
         self.utilization.labels(study).set_function(self._utilization)
+        self._init_driver_metrics(window_seconds, clock)
+
+    # -- the driver as a bottleneck (busy share, storage time) ----------------------------------
+
+    def _init_driver_metrics(self, window_seconds: float, clock: Callable[[], float]) -> None:
+        self._waited = TrailingWindow(window_seconds, clock)
+        self.driver_busy = Gauge(
+            "simcal_driver_busy_ratio",
+            "Share of wall time the driver loop works (asks, tells, submits, bookkeeping) "
+            "rather than waits for results, over a trailing window (computed when scraped).",
+            ["study"],
+            registry=self.registry,
+        )
+        self.driver_busy.labels(self.study).set_function(self.driver_busy_ratio)
+        self.storage_seconds = Histogram(
+            "simcal_storage_seconds",
+            "Seconds per storage operation of the driver (ask, tell, other).",
+            ["study", "operation"],
+            buckets=STORAGE_BUCKETS,
+            registry=self.registry,
+        )
+        for operation in STORAGE_OPERATIONS:
+            self.storage_seconds.labels(self.study, operation)
+
+    def driver_waited(self, seconds: float) -> None:
+        """The loop spent ``seconds`` waiting for results (or for other drivers)."""
+        self._waited.add(max(seconds, 0.0))
+
+    def driver_busy_ratio(self) -> float:
+        """1 - waiting / wall over the trailing window (1.0: the loop never waits)."""
+        return min(max(1.0 - self._waited.total() / self._waited.span(), 0.0), 1.0)
+
+    def storage_time(self, operation: str, seconds: float) -> None:
+        """One storage operation's duration; ``operation`` is ask, tell or other."""
+        self.storage_seconds.labels(self.study, operation).observe(seconds)
 
     def trial_completed(self, loss: float, seconds: float) -> None:
         self.trials.labels(self.study, "completed").inc()

@@ -14,7 +14,7 @@ from optuna.trial import FrozenTrial, TrialState
 from simcal.config import CalibrationConfig
 from simcal.driver import RunStats
 from simcal.progress import trials_per_minute
-from simcal.storage import FAIL_REASON, INTERRUPTED
+from simcal.trials import FAIL_REASON, HOST, INTERRUPTED, RETRY_OF, RUN_ID
 
 
 def trial_row(
@@ -32,8 +32,10 @@ def trial_row(
         "loss": trial.value if trial.state == TrialState.COMPLETE else None,
         "fail_reason": trial.user_attrs.get(FAIL_REASON),
         "error": trial.user_attrs.get("error"),
-        "retry_of": trial.user_attrs.get("retry_of"),
+        "retry_of": trial.user_attrs.get(RETRY_OF),
         "duration_seconds": trial.user_attrs.get("duration_seconds"),
+        "run_id": trial.user_attrs.get(RUN_ID),  # the driver that ran it
+        "host": trial.user_attrs.get(HOST),  # its pod ($POD_NAME) or hostname
     }
     params = list(config.parameters) if config else list(trial.params)
     params += [name for name in trial.params if name not in params]
@@ -95,10 +97,14 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "trials_per_minute": round(trials_per_minute(stats.completed, stats.elapsed), 3),
         "errors": dict(Counter(t.user_attrs.get(FAIL_REASON, "unknown") for t in failed)),
         "this_run": {
+            "run_id": stats.run_id,
+            "host": stats.host,
             "completed": stats.completed,
             "failed": stats.failed,
             "pruned": stats.pruned,
             "interrupted": stats.interrupted,
+            "recovered_from_other_drivers": stats.recovered,
+            "dropped_told_by_another_driver": stats.taken_over,
             "errors": stats.errors,
             "elapsed_seconds": round(stats.elapsed, 3),
             "stop_reason": stats.stop_reason,

@@ -1,30 +1,25 @@
-"""Optuna RDB storage: open a study, resume interrupted trials, retry transient errors.
+"""Optuna RDB storage: open a study on a URL; passwords in URLs redacted.
 
 Any SQLAlchemy URL works (SQLite by default, PostgreSQL on Kubernetes). Passwords in
-URLs never leave this module unredacted.
+URLs never leave this module unredacted. The stored trials' lifecycle (telling, retries,
+recovery of a dead driver's trials) is :mod:`simcal.trials`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import optuna
+import sqlalchemy.event
 import sqlalchemy.exc
-from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from simcal.samplers import CachedTPESampler
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-FAIL_REASON = "fail_reason"
-INTERRUPTED = "interrupted"
-RETRY_OF = "retry_of"
 _SECRET_QUERY_KEYS = ("password", "passwd", "pwd")
 # libpq waits forever for a server that accepts the connection but never answers.
 POSTGRES_CONNECT_TIMEOUT = 10
@@ -107,16 +102,7 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
     if parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
         engine_kwargs["connect_args"] = {"connect_timeout": POSTGRES_CONNECT_TIMEOUT}
     try:
-        storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, skip_table_creation=False
-        )
-        return optuna.create_study(
-            study_name=study_name,
-            storage=storage,
-            sampler=sampler,
-            direction="minimize",
-            load_if_exists=True,
-        )
+        return _create_study(url, engine_kwargs, study_name, sampler)
     except (
         sqlalchemy.exc.SQLAlchemyError,
         optuna.exceptions.StorageInternalError,
@@ -131,111 +117,58 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
         raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
 
 
-def _transient(error: BaseException | None) -> BaseException | None:
-    """The database error behind ``error`` if retrying may help (lock, lost connection).
-
-    Optuna wraps the SQLAlchemy errors raised inside its sessions in ``StorageInternalError``;
-    a query after a dropped connection raises ``PendingRollbackError`` (Optuna rolls back).
-    """
-    if isinstance(error, optuna.exceptions.StorageInternalError):
-        return _transient(error.__cause__)
-    if isinstance(error, sqlalchemy.exc.PendingRollbackError):
-        return _transient(error.__cause__ or error.__context__) or error
-    if isinstance(error, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-        return error
-    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
-        return error
-    return None
-
-
-def _reason(error: BaseException) -> str:
-    """The database driver's one-line reason (no URL in it, so no password)."""
-    orig = getattr(error, "orig", None) or error
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0][:200]}" if lines else type(orig).__name__
-
-
-def with_retries(
-    operation: Callable[[], T],
-    *,
-    what: str,
-    attempts: int = 8,
-    first_delay: float = 0.2,
-    max_delay: float = 10.0,
-) -> T:
-    """Run a storage operation, retrying transient database errors with exponential backoff.
-
-    With the defaults the attempts span about 25 s of waiting (plus each attempt's own
-    timeouts): enough for a locked SQLite file or a restarting PostgreSQL server.
-    """
-    delay = first_delay
+def _create_study(
+    url: str,
+    engine_kwargs: dict[str, object],
+    study_name: str,
+    sampler: optuna.samplers.BaseSampler,
+    attempts: int = 5,
+) -> optuna.Study:
+    """Create the tables and the study, or load them. Drivers started together race to create
+    the tables ("already exists") or the study (unique name): the loser tries again and loads."""
     for attempt in range(1, attempts + 1):
         try:
-            return operation()
+            storage = optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, skip_table_creation=False
+            )
+            _tune_sqlite(storage.engine)
+            return optuna.create_study(
+                study_name=study_name,
+                storage=storage,
+                sampler=sampler,
+                direction="minimize",
+                load_if_exists=True,
+            )
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
-            error = _transient(exc)
-            if error is None:
+            # StorageInternalError wraps SQLAlchemy's error; SQLAlchemy's wraps the driver's
+            errors = (exc, exc.__cause__)
+            raced = any(isinstance(e, sqlalchemy.exc.IntegrityError) for e in errors) or any(
+                "already exists" in str(e) for e in errors
+            )
+            if not raced or attempt == attempts:
                 raise
-            if attempt == attempts:
-                raise StorageError(
-                    f"{what} failed after {attempts} attempts: {_reason(error)}"
-                ) from None
-            log.warning("%s failed (%s); retrying in %.1fs", what, _reason(error), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay)
+            log.info("another driver is creating the storage; retrying (%s)", type(exc).__name__)
+            time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
 
 
-def tell(
-    study: optuna.Study,
-    trial: optuna.Trial,
-    value: float | None = None,
-    *,
-    state: TrialState | None = None,
-    what: str = "tell",
-) -> None:
-    """``study.tell`` with retries. A retry skips a trial that is already finished: the
-    attempt before it committed, then lost its connection before hearing so."""
-    attempts = 0
-
-    def once() -> None:
-        nonlocal attempts
-        attempts += 1
-        study.tell(trial, value, state=state, skip_if_finished=attempts > 1)
-
-    with_retries(once, what=what)
+def _sqlite_pragmas(connection: object, _record: object) -> None:
+    cursor = connection.cursor()  # type: ignore[attr-defined]
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Fail trials a killed driver left RUNNING and enqueue their parameters again.
+def _tune_sqlite(engine: sqlalchemy.engine.Engine) -> None:
+    """SQLite in write-ahead-log mode with ``synchronous=NORMAL`` (docs/performance.md).
 
-    Returns the numbers of the recovered trials. One driver per study is assumed:
-    at start, every RUNNING trial is an orphan.
+    A commit appends to the log without an fsync; checkpoints fsync. A killed process loses
+    nothing committed (the log is in the OS's page cache); a power loss or kernel crash may
+    lose the last commits before a checkpoint, never the database's consistency. Readers do
+    not block the writer. Every new connection gets the pragmas; the pool is emptied so the
+    connection Optuna used to create the tables does not keep the old settings.
     """
-    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for frozen in orphans:
-        requeue(study, frozen.number, frozen._trial_id, frozen.params)
-    return [frozen.number for frozen in orphans]
-
-
-def requeue(study: optuna.Study, number: int, trial_id: int, params: dict[str, float]) -> None:
-    """Mark a trial failed as interrupted (not counted) and enqueue its parameters again.
-
-    A trial killed before its parameters were stored has nothing to retry.
-    """
-    if params:
-        study.enqueue_trial(params, user_attrs={RETRY_OF: number}, skip_if_exists=False)
-    mark_interrupted(study, number, trial_id)
-
-
-def mark_interrupted(study: optuna.Study, number: int, trial_id: int) -> None:
-    """Tell a trial failed as interrupted: it does not count towards ``max_trials``."""
-    study._storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
-    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # retried as a whole
-
-
-def counted_trials(study: optuna.Study) -> int:
-    """Trials counted towards ``max_trials``: completed, pruned, or failed for their own reason."""
-    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    trials = study.get_trials(deepcopy=False, states=states)
-    return sum(1 for t in trials if t.user_attrs.get(FAIL_REASON) != INTERRUPTED)
+    if engine.dialect.name != "sqlite" or engine.url.database in (None, "", ":memory:"):
+        return
+    sqlalchemy.event.listen(engine, "connect", _sqlite_pragmas)
+    engine.dispose()

@@ -61,6 +61,11 @@ spec:
         {{- end }}
       env:
         {{- include "simcal.commonEnv" . | nindent 8 }}
+        # stored on every trial this driver runs (`simcal results`: host)
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
         {{- if .Values.storage.existingSecret }}
         - name: SIMCAL_STORAGE
           valueFrom:

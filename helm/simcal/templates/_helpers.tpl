@@ -332,3 +332,15 @@ share; simcal.tlsEnv is the same as Dask config, for plain `distributed.Client` 
       - key: {{ .Values.tls.keyKey }}
         path: tls.key
 {{- end }}
+
+{{/* Quiet Dask on scheduler and workers (docs/performance.md): no worker profiler, 1 s
+event-loop tick and memory monitor. A variable of the same name in extraEnv comes later
+in the list and wins. */}}
+{{- define "simcal.quietDaskEnv" -}}
+- name: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
+  value: "False"
+- name: DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL
+  value: 1s
+- name: DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL
+  value: 1s
+{{- end }}

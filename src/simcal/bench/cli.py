@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,18 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         metavar="SEEDS",
         help="only pruning vs no pruning, SEIR and synthetic, SEEDS seeds each",
     )
+    bench.add_argument(
+        "--storages",
+        help="compare storages instead of the suite: a comma list of memory, default, sqlite, "
+        "postgresql (streaming, W=8, d=0.05 and 0.2 s, R=5)",
+    )
+    bench.add_argument("--postgres-url", help="the PostgreSQL URL for --storages postgresql")
+    bench.add_argument(
+        "--scale",
+        action="store_true",
+        help="scale run instead of the suite: scheduler in its own process, 4 threaded workers "
+        "x 64 threads, d=1 s, R=4, 2,000 trials, default storage and sampler (--quick: tiny)",
+    )
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -55,6 +68,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from simcal.bench.science import run_science
 
         return run_science(args.out, args.posterior, args.pruning)
+    if args.storages:
+        return _compare_storages(args)
+    if args.scale:
+        return _scale(args)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
     log.info("simcal bench, %s settings; results in %s", settings.name, args.out)
     results = run_suite(settings, storage=args.storage)
@@ -62,4 +79,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(to_markdown(results))
     for kind, path in paths.items():
         log.info("wrote %s: %s", kind, path)
+    return 0
+
+
+def _compare_storages(args: argparse.Namespace) -> int:
+    import json
+
+    from simcal.bench.storages import compare_storages, storage_urls, storages_markdown
+    from simcal.config import ConfigError
+
+    names = [name.strip() for name in args.storages.split(",") if name.strip()]
+    try:
+        storage_urls(names, "/tmp", args.postgres_url)
+    except ValueError as exc:
+        raise ConfigError(f"--storages: {exc}") from None
+    if args.quick:
+        result = compare_storages(
+            names, args.postgres_url, workers=2, durations=(0.05,), replicates=2, seconds=1.5,
+            rounds=1,
+        )
+    else:
+        result = compare_storages(names, args.postgres_url)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "storages.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = storages_markdown(result)
+    (args.out / "storages.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    import json
+
+    from simcal.bench.scale import ScaleSettings, scale_run
+
+    settings = ScaleSettings()
+    if args.quick:
+        settings = ScaleSettings(workers=2, threads=4, duration=0.2, replicates=2, trials=30)
+    log.info("scale run: %s; load average %s", settings, os.getloadavg())
+    result = scale_run(settings, args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
     return 0

@@ -21,18 +21,13 @@ from simcal.bench.raw_dask import raw_task_rate
 from simcal.bench.report_cost import live_report_cost
 from simcal.bench.throughput import STORAGES, calibration_throughput, mode_names
 from simcal.bench.workload import Workload, aggregation_seconds
-from simcal.cluster import ClusterOptions, connect
+from simcal.cluster import QUIET_DASK, ClusterOptions, connect
 
 log = logging.getLogger(__name__)
 
-# Dask's idle work per process (a 10 ms stack profiler, a 20 ms event-loop tick, a 100 ms
-# memory monitor) costs 1.1 of this machine's 2 cores at 32 workers; these settings cut
-# that to 0.2 cores (docs/performance.md). Workers inherit them from this process.
-CLUSTER_CONFIG = {
-    "distributed.worker.profile.enabled": False,
-    "distributed.admin.tick.interval": "1s",
-    "distributed.worker.memory.monitor-interval": "1s",
-}
+# The quiet Dask settings of `simcal run`'s local cluster (docs/performance.md); the
+# benchmark's workers inherit them from this process.
+CLUSTER_CONFIG = QUIET_DASK
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,12 @@ def mode_names() -> list[str]:
 
 
 def _study(storage: str, directory: str, name: str, seed: int) -> optuna.Study:
+    """``memory``, ``sqlite`` (a temporary file) or any storage URL (a study of its own)."""
     sampler = make_sampler("tpe", seed)
     if storage == "memory":
         return optuna.create_study(study_name=name, sampler=sampler, direction="minimize")
+    if "://" in storage:
+        return open_study(storage, f"{name}-{time.time_ns()}", sampler)
     return open_study(f"sqlite:///{directory}/bench.db", name, sampler)
 
 

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from simcal.config import CalibrationConfig
-from simcal.storage import FAIL_REASON, INTERRUPTED
 from simcal.tasks import FIT_ATTR_PREFIX
+from simcal.trials import FAIL_REASON, INTERRUPTED
 
 DPI = 96
 BEST_COLOUR = "#c0392b"

@@ -26,8 +26,9 @@ from optuna.trial import FrozenTrial, TrialState
 from simcal.config import CalibrationConfig
 from simcal.progress import trials_per_minute
 from simcal.reporting import figures
-from simcal.storage import FAIL_REASON, INTERRUPTED, redact
+from simcal.storage import redact
 from simcal.targets import load_observed
+from simcal.trials import FAIL_REASON, INTERRUPTED
 
 REPORT_FILE = "report.html"
 VERSIONED = ("simcal", "optuna", "dask", "distributed", "numpy", "matplotlib")

@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from simcal.config import ConfigError
-from simcal.storage import FAIL_REASON, INTERRUPTED, StorageError, redact
+from simcal.storage import StorageError, redact
+from simcal.trials import FAIL_REASON, INTERRUPTED
 
 
 class MissingStudyError(ConfigError):

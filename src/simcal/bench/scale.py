@@ -1,0 +1,166 @@
+"""Scale run (``simcal bench --scale``): one driver feeding many replicate slots, with the
+scheduler in its own ``dask scheduler`` process as on Kubernetes.
+
+Threaded workers (``dask worker --nworkers N --nthreads T``) sleep ``d`` seconds per
+replicate; the driver (this process) uses the product's default storage (an SQLite file,
+here in a temporary directory) and the default sampler (TPE). Reported: the steady rate and
+its efficiency against the ideal ``60 * slots / (R * d)`` trials/min, the driver's CPU per
+trial, the scheduler's CPU per task, and the driver's profile (top functions).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import logging
+import os
+import pstats
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from distributed import Client
+from optuna.trial import TrialState
+
+from simcal.bench.throughput import _Silent
+from simcal.bench.workload import MODEL, PARAMS, steady_rate
+from simcal.cluster import QUIET_DASK
+from simcal.config import CalibrationConfig, validate_config
+from simcal.driver import Calibration
+from simcal.metrics import Metrics
+from simcal.service import SimulationService
+from simcal.storage import make_sampler, open_study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScaleSettings:
+    """The size of one scale run."""
+
+    workers: int = 4
+    threads: int = 64
+    duration: float = 1.0
+    replicates: int = 4
+    trials: int = 2000
+
+    @property
+    def slots(self) -> int:
+        return self.workers * self.threads
+
+    def ideal_trials_per_minute(self) -> float:
+        return 60.0 * self.slots / (self.replicates * self.duration)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _quiet_env() -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in QUIET_DASK.items():
+        env["DASK_" + key.upper().replace(".", "__").replace("-", "_")] = str(value)
+    return env
+
+
+def _config(settings: ScaleSettings, storage: str) -> CalibrationConfig:
+    return validate_config(
+        {
+            "study": f"scale-{settings.slots}",
+            "model": MODEL,
+            "model_options": {"duration": settings.duration},
+            "parameters": {name: {"low": 0.0, "high": 1.0} for name in PARAMS},
+            "replicates": settings.replicates,
+            "targets": [{"name": "y", "observed": "simcal.models.synthetic:observed"}],
+            "max_trials": settings.trials,
+            "trial_timeout": max(600.0, 20 * settings.duration * settings.replicates),
+            "storage": storage,
+        }
+    )
+
+
+def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
+    """Start the scheduler and workers as processes, run the driver here, measure."""
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = _free_port()
+    env = _quiet_env()
+    procs: list[subprocess.Popen] = []
+    directory = tempfile.mkdtemp(prefix="simcal-scale-")
+    try:
+        scheduler = subprocess.Popen(
+            [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        procs.append(scheduler)
+        address = f"tcp://127.0.0.1:{port}"
+        procs.append(
+            subprocess.Popen(
+                [
+                    dask, "worker", address, "--host", "127.0.0.1",
+                    "--nworkers", str(settings.workers), "--nthreads", str(settings.threads),
+                    "--memory-limit", "0", "--no-dashboard",
+                ],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        )
+        default = str(CalibrationConfig.model_fields["storage"].default)
+        storage = default.replace("sqlite:///", f"sqlite:///{directory}/", 1)
+        config = _config(settings, storage)
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(settings.workers, timeout=300)
+            study = open_study(storage, config.study, make_sampler(config.sampler, config.seed))
+            calibration = Calibration(
+                config, SimulationService(client), study, Metrics(config.study), progress=_Silent()
+            )
+            sched = psutil.Process(scheduler.pid)
+            sched_cpu = sum(sched.cpu_times()[:2])
+            cpu, wall = time.process_time(), time.perf_counter()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            stats = calibration.run()
+            profiler.disable()
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            sched_cpu = sum(sched.cpu_times()[:2]) - sched_cpu
+            completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            times = [t.datetime_complete.timestamp() for t in completed]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(directory, ignore_errors=True)
+    told = stats.completed + stats.failed
+    tasks = told * (settings.replicates + 1)
+    rate = steady_rate(times) * 60
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(30)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale-profile.txt").write_text(text.getvalue())
+    return {
+        **settings.__dict__,
+        "slots": settings.slots,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "elapsed_seconds": round(wall, 1),
+        "trials_per_minute": round(rate, 1),
+        "ideal_trials_per_minute": settings.ideal_trials_per_minute(),
+        "efficiency": rate / settings.ideal_trials_per_minute(),
+        "driver_cpu_ms_per_trial": 1000 * cpu / max(told, 1),
+        "scheduler_cpu_ms_per_task": 1000 * sched_cpu / max(tasks, 1),
+        "load_average_end": os.getloadavg(),
+        "profile": str(out / "scale-profile.txt"),
+    }

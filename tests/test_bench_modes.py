@@ -1,0 +1,38 @@
+"""``simcal bench --storages`` and ``--scale`` at their smallest sizes (the modes run and report;
+the real measurements are in docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_simcal
+
+
+def test_scale_mode_runs_the_scheduler_in_its_own_process_and_reports(tmp_path: Path) -> None:
+    result = run_simcal("bench", "--scale", "--quick", "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "scale.json").read_text())
+    assert report["completed"] + report["failed"] == report["trials"] == 30
+    assert report["slots"] == 8 and report["ideal_trials_per_minute"] == 1200.0
+    assert report["driver_cpu_ms_per_trial"] > 0 and report["scheduler_cpu_ms_per_task"] > 0
+    assert "driver.py" in Path(report["profile"]).read_text()  # the driver's own profile
+
+
+def test_storages_mode_compares_storages_side_by_side(tmp_path: Path) -> None:
+    result = run_simcal(
+        "bench", "--storages", "memory,sqlite", "--quick", "--out", str(tmp_path), timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "storages.json").read_text())["summary"]
+    assert [row["storage"] for row in summary] == ["memory", "sqlite"]
+    assert all(row["efficiency"] > 0 for row in summary)
+    assert "| sqlite |" in (tmp_path / "storages.md").read_text()
+
+
+def test_storages_mode_refuses_an_unknown_storage(tmp_path: Path) -> None:
+    result = run_simcal("bench", "--storages", "memory,redis", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert "--storages: unknown storage 'redis'" in result.stderr
+    result = run_simcal("bench", "--storages", "postgresql", "--out", str(tmp_path))
+    assert result.returncode == 2 and "needs --postgres-url" in result.stderr

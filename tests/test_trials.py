@@ -1,0 +1,140 @@
+"""The stored-trial lifecycle (simcal.trials) on a real SQLite file, without Dask: leases,
+claims, a tell that another driver beat, the budget tally; and unsupported storage backends."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from conftest import run_simcal
+from simcal.storage import make_sampler, open_study
+from simcal.trials import (
+    FAIL_REASON,
+    INTERRUPTED,
+    RETRY_OF,
+    DriverLease,
+    recover_stale,
+    set_owner,
+    stale_trials,
+    tally,
+    tell,
+    throttled_reads,
+)
+
+SPACE = {"x": FloatDistribution(0.0, 1.0)}
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> optuna.Study:
+    return open_study(f"sqlite:///{tmp_path / 'trials.db'}", "lifecycle", make_sampler("random", 0))
+
+
+def _asked(study: optuna.Study, run_id: str) -> optuna.Trial:
+    trial = study.ask(SPACE)
+    set_owner(trial, run_id, "host-" + run_id)
+    return trial
+
+
+def test_a_live_lease_keeps_its_trials_and_a_stale_one_loses_them(study: optuna.Study) -> None:
+    live, dead = DriverLease(study, "live", interval=60), DriverLease(study, "dead", interval=60)
+    live.renew()
+    dead.renew()
+    mine, theirs, orphan = _asked(study, "live"), _asked(study, "dead"), _asked(study, "me")
+    now = time.time()
+    assert stale_trials(study, "me", grace=30, now=now) == []  # both leases are fresh
+    stale = stale_trials(study, "me", grace=30, now=now + 31)
+    assert {t.number for t in stale} == {mine.number, theirs.number}  # both expired
+    live.renew()  # the live driver renews: only the dead one's trial is stale
+    assert [t.number for t in stale_trials(study, "me", grace=30, now=time.time() + 5)] == []
+    dead._clock = lambda: time.time() - 100  # its last renewal is long past
+    dead.renew()
+    assert [t.number for t in stale_trials(study, "me", grace=30)] == [theirs.number]
+    assert recover_stale(study, "me", grace=30) == [theirs.number]
+    assert recover_stale(study, "me", grace=30) == []  # claimed once only
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[theirs.number].user_attrs[FAIL_REASON] == INTERRUPTED
+    retry = [t for t in trials.values() if t.user_attrs.get(RETRY_OF) == theirs.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING
+    assert retry[0].system_attrs["fixed_params"] == theirs.params
+    assert trials[mine.number].state == trials[orphan.number].state == TrialState.RUNNING
+
+
+def test_a_released_lease_is_stale_at_once(study: optuna.Study) -> None:
+    lease = DriverLease(study, "gone", interval=60)
+    lease.start()
+    trial = _asked(study, "gone")
+    lease.release()
+    assert [t.number for t in stale_trials(study, "me", grace=3600)] == [trial.number]
+
+
+def test_tell_after_another_driver_claimed_the_trial_drops_the_result(
+    study: optuna.Study,
+) -> None:
+    trial = _asked(study, "slow")
+    other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
+    assert recover_stale(other, "fast", grace=0) == [trial.number]  # judged dead, claimed
+    # the slow driver's tell: no UpdateFinishedTrialError, just "someone else told it"
+    assert tell(study, trial, 0.25, attrs={"loss_y": 0.25}) is False
+    stored = study.get_trials()[trial.number]
+    assert stored.state == TrialState.FAIL and stored.user_attrs[FAIL_REASON] == INTERRUPTED
+    assert "loss_y" not in stored.user_attrs
+
+
+def test_tell_writes_attributes_and_state_together(study: optuna.Study) -> None:
+    trial = _asked(study, "me")
+    assert tell(study, trial, 0.5, attrs={"loss_y": 0.5, "duration_seconds": 1.0}) is True
+    stored = study.get_trials()[0]
+    assert stored.state == TrialState.COMPLETE and stored.value == 0.5
+    assert stored.user_attrs == {
+        "run_id": "me", "host": "host-me", "loss_y": 0.5, "duration_seconds": 1.0,
+    }
+    failed = _asked(study, "me")
+    assert tell(study, failed, state=TrialState.FAIL, attrs={FAIL_REASON: "timeout"})
+    assert tally(study).counted == 2
+
+
+def test_tally_counts_the_budget_across_drivers(study: optuna.Study) -> None:
+    done, running, claimed = (_asked(study, "a") for _ in range(3))
+    tell(study, done, 1.0)
+    lease = DriverLease(study, "b", interval=60)
+    lease.renew(released=True)
+    _asked(study, "b")
+    assert tally(study) == tally(study).__class__(counted=1, running=3, waiting=0)
+    recover_stale(study, "a", grace=30)  # b's trial: interrupted (not counted), re-enqueued
+    counts = tally(study)
+    assert (counts.counted, counts.running, counts.waiting) == (1, 2, 1)
+    assert counts.committed == 4
+    del running, claimed
+
+
+def test_throttled_reads_serve_the_cached_view_then_read_fresh(study: optuna.Study) -> None:
+    _asked(study, "a")
+    other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
+    with throttled_reads(study, seconds=3600):
+        assert len(study.get_trials()) == 1
+        _asked(other, "b")  # another driver's trial
+        assert len(study.get_trials()) == 1  # not read yet
+    assert len(study.get_trials()) == 2  # fresh after the block
+
+
+@pytest.mark.parametrize("url", ["mysql://u:pw-Zq81@db/simcal", "oracle://scott:tiger@db"])
+def test_an_unsupported_storage_backend_exits_2_naming_it(url: str, tmp_path: Path) -> None:
+    result = run_simcal("run", "--storage", url, "--max-trials", "1", cwd=tmp_path, timeout=120)
+    backend = url.split(":", 1)[0]
+    assert result.returncode == 2, result.stderr
+    assert f"storage: storage backend {backend!r} is not supported" in result.stderr
+    assert "Traceback" not in result.stderr and "pw-Zq81" not in result.stderr
+    assert not list(tmp_path.iterdir())  # nothing created
+
+
+def test_lease_grace_must_span_two_renewals() -> None:
+    from simcal.config import ConfigError, demo_config
+
+    with pytest.raises(ConfigError, match="lease_grace: must be at least twice lease_interval"):
+        demo_config({"lease_interval": 5, "lease_grace": 9})
+    assert demo_config({"lease_interval": 1, "lease_grace": 2}).lease_grace == 2
