@@ -38,6 +38,7 @@ from simcal.trials import (
     DriverLease,
     Tally,
     driver_host,
+    read_fresh,
     recover_stale,
     requeue,
     set_owner,
@@ -393,6 +394,7 @@ class Calibration:
         step = len(run.replicates)
         with self._storage("other"):
             with_retries(lambda: run.trial.report(partial, step), what="report")
+            with_retries(lambda: read_fresh(self.study), what="prune")  # others' rungs
             prune = with_retries(run.trial.should_prune, what="prune")
         if not prune:
             for key in run.aggregations:

@@ -141,12 +141,16 @@ def _tell_once(
     """Write ``attrs`` and the final state (and value) in one transaction (RDB storage), or
     through Optuna's API otherwise. Raises ``UpdateFinishedTrialError`` if already finished."""
     rdb = _rdb(study)
-    values = None if value is None else [value]
     if rdb is None:
         for key, item in attrs.items():
             study._storage.set_trial_user_attr(trial_id(trial), key, item)
         study.tell(trial.number, value, state=None if state == TrialState.COMPLETE else state)
         return
+    if state == TrialState.PRUNED and value is None:  # as Optuna's tell: the last reported value
+        frozen = getattr(trial, "_cached_frozen_trial", trial)
+        if frozen.last_step is not None:
+            value = frozen.intermediate_values[frozen.last_step]
+    values = None if value is None else [value]
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 
@@ -281,10 +285,20 @@ def throttled_reads(study: optuna.Study, seconds: float = 0.5) -> Iterator[None]
             last[study_id] = time.monotonic()
 
     cached._read_trials_from_remote_storage = throttled
+    cached._simcal_fresh_read = read
     try:
         yield
     finally:
         del cached._read_trials_from_remote_storage  # the class's method again
+        del cached._simcal_fresh_read
+
+
+def read_fresh(study: optuna.Study) -> None:
+    """Bring the study's cached view up to date now, inside :func:`throttled_reads` too: for
+    decisions that compare this trial with every other (the pruner's rungs)."""
+    read = getattr(study._storage, "_simcal_fresh_read", None)
+    if read is not None:
+        read(study._study_id)
 
 
 # -- interrupting and re-enqueuing ---------------------------------------------------------------
