@@ -29,9 +29,9 @@ from simcal.service import SimulationService
 from simcal.storage import (
     FAIL_REASON,
     counted_trials,
-    mark_interrupted,
     recover_interrupted,
     requeue,
+    retry_params,
     tell,
     with_retries,
 )
@@ -142,7 +142,9 @@ class Calibration:
     def run(self) -> RunStats:
         """Run until the budget, the time limit or the target loss; returns this run's stats."""
         started = self._clock()
-        recovered = with_retries(lambda: recover_interrupted(self.study), what="resume")
+        recovered = with_retries(
+            lambda: recover_interrupted(self.study, self._distributions), what="resume"
+        )
         if recovered:
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
         self._counted = with_retries(lambda: counted_trials(self.study), what="count trials")
@@ -255,10 +257,8 @@ class Calibration:
             if frozen.number == asked or frozen.number in self._inflight:
                 continue
             log.info("trial %d was left running by a failed ask; telling it", frozen.number)
-            if len(frozen.params) == len(self._distributions):  # e.g. a popped retry
-                requeue(self.study, frozen.number, frozen._trial_id, frozen.params)
-            else:
-                mark_interrupted(self.study, frozen.number, frozen._trial_id)
+            params = retry_params(frozen, self._distributions)  # e.g. a popped retry
+            requeue(self.study, frozen.number, frozen._trial_id, params)
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         trial_id = str(trial.number)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
 from simcal.samplers import CachedTPESampler
@@ -206,22 +206,34 @@ def tell(
     with_retries(once, what=what)
 
 
-def recover_interrupted(study: optuna.Study) -> list[int]:
+def recover_interrupted(study: optuna.Study, names: Collection[str]) -> list[int]:
     """Fail trials a killed driver left RUNNING and enqueue their parameters again.
 
-    Returns the numbers of the recovered trials. One driver per study is assumed:
-    at start, every RUNNING trial is an orphan.
+    ``names`` are the study's parameter names (see :func:`retry_params`). Returns the
+    numbers of the recovered trials. One driver per study is assumed: at start, every
+    RUNNING trial is an orphan.
     """
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for frozen in orphans:
-        requeue(study, frozen.number, frozen._trial_id, frozen.params)
+        requeue(study, frozen.number, frozen._trial_id, retry_params(frozen, names))
     return [frozen.number for frozen in orphans]
 
 
-def requeue(study: optuna.Study, number: int, trial_id: int, params: dict[str, float]) -> None:
+def retry_params(frozen: FrozenTrial, names: Collection[str]) -> dict[str, Any]:
+    """The parameters an interrupted trial ran with, all of ``names``, or ``{}`` if it never ran.
+
+    A trial is submitted only once its ask stored every parameter, so a trial killed
+    mid-ask (none or some stored) did no work and has nothing to retry. A popped retry
+    killed before its parameters were stored still holds them as Optuna's ``fixed_params``.
+    """
+    params = {**(frozen.system_attrs.get("fixed_params") or {}), **frozen.params}
+    return params if set(names) <= params.keys() else {}
+
+
+def requeue(study: optuna.Study, number: int, trial_id: int, params: dict[str, Any]) -> None:
     """Mark a trial failed as interrupted (not counted) and enqueue its parameters again.
 
-    A trial killed before its parameters were stored has nothing to retry.
+    A trial killed before its parameters were stored has nothing to retry (``params`` empty).
     """
     if params:
         study.enqueue_trial(params, user_attrs={RETRY_OF: number}, skip_if_exists=False)
