@@ -269,7 +269,7 @@ def test_clients_without_a_valid_certificate_are_refused(
     assert isinstance(_refused(address, rogue), OSError | TimeoutError)
 
     # The scheduler itself says why it refused.
-    wait_until(lambda: "PEER_DID_NOT_RETURN_A_CERTIFICATE" in scheduler.output(), 10, "log")
+    wait_until(lambda: "PEER_DID_NOT_RETURN_A_CERTIFICATE" in scheduler.output(), 60, "log")
     log = scheduler.output()
     assert "TLS handshake failed" in log
     assert "CERTIFICATE_VERIFY_FAILED" in log

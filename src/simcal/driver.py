@@ -230,7 +230,11 @@ class Calibration:
     def _fill(self) -> list[TrialRun]:
         budget = self.config.max_trials - self._counted - len(self._inflight)
         wanted = min(self._capacity() - len(self._inflight), budget)
-        runs = [self._submit(self._ask()) for _ in range(max(wanted, 0))]
+        runs = []
+        for _ in range(max(wanted, 0)):
+            if self._stop_requested.is_set():  # a signal arrived mid-fill: ask no more
+                break
+            runs.append(self._submit(self._ask()))
         self.metrics.set_inflight(len(self._inflight))
         return runs
 
