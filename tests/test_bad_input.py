@@ -36,8 +36,9 @@ from simcal.config import CalibrationConfig, ConfigError, load_config, validate_
 from simcal.driver import Calibration
 from simcal.failures import ModelOutputError, NonFiniteLossError
 from simcal.metrics import Metrics
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import FAIL_REASON, make_sampler, open_study
+from simcal.storage import FAIL_REASON, open_study
 from simcal.targets import mse
 from simcal.tasks import MAX_OUTPUT_ELEMENTS, aggregate, run_replicate
 

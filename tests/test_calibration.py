@@ -23,8 +23,9 @@ from simcal.config import load_config
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter
+from simcal.samplers import make_sampler
 from simcal.service import ClusterSnapshot
-from simcal.storage import FAIL_REASON, INTERRUPTED, RETRY_OF, make_sampler, open_study
+from simcal.storage import FAIL_REASON, INTERRUPTED, RETRY_OF, open_study
 from simcal.tasks import TargetLoss
 
 HANG = object()  # an outcome: the trial never finishes
@@ -263,3 +264,23 @@ def test_batch_mode_tells_timeouts_and_reaches_the_budget(tmp_path: Path) -> Non
 @pytest.fixture(autouse=True)
 def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes"])
+def test_a_resumed_study_proposes_new_points(tmp_path: Path, sampler: str) -> None:
+    """Budget 5 then 10: trials 5-9 must not repeat 0-4 (same seed, same points before)."""
+    first, _, _ = calibration(tmp_path, lambda n, polls: float(n), max_trials=5, sampler=sampler)
+    first.run()
+    resumed, _, _ = calibration(tmp_path, lambda n, polls: float(n), max_trials=10,
+                                sampler=sampler)
+    resumed.run()
+    params = [tuple(t.params.values()) for t in resumed.study.get_trials()]
+    assert len(params) == 10 and not set(params[:5]) & set(params[5:]), params
+
+
+def test_the_resumed_seed_is_reproducible() -> None:
+    from simcal.samplers import run_seed
+
+    assert run_seed(7, 0) == 7
+    assert run_seed(7, 5) == run_seed(7, 5) != run_seed(7, 6)
+    assert run_seed(7, 5) != run_seed(8, 5)

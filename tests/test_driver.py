@@ -15,8 +15,9 @@ from simcal.config import validate_config
 from simcal.driver import Calibration, RunStats
 from simcal.metrics import Metrics
 from simcal.models.seir import TRUE_PARAMS
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import FAIL_REASON, make_sampler, open_study
+from simcal.storage import FAIL_REASON, open_study
 
 SYNTHETIC: dict[str, Any] = {
     "study": "synthetic",

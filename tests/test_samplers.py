@@ -10,8 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
-from simcal.samplers import CachedTPESampler
-from simcal.storage import make_sampler
+from simcal.samplers import CachedTPESampler, make_sampler
 
 DISTRIBUTIONS = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(1e-3, 10.0, log=True)}
 

@@ -33,7 +33,8 @@ from optuna.trial import TrialState
 from conftest import run_simcal, write_config
 from pgserver import postgres_bin, postgres_server
 from processes import HOST, free_port, simcal_run, stopping, wait_until
-from simcal.storage import StorageError, make_sampler, open_study, redact, with_retries
+from simcal.samplers import make_sampler
+from simcal.storage import StorageError, open_study, redact, with_retries
 
 PASSWORD = "s3cret-Zq81x"  # distinctive: a plain substring search finds any leak
 NOBODY = 65534

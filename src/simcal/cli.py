@@ -217,8 +217,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.metrics import Metrics
     from simcal.progress import ProgressReporter
     from simcal.report import summarize
+    from simcal.samplers import make_sampler
     from simcal.service import SimulationService
-    from simcal.storage import make_sampler, open_study, redact
+    from simcal.storage import open_study, redact
 
     config = _resolve_config(
         args,

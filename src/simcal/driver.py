@@ -25,6 +25,7 @@ from simcal.config import CalibrationConfig
 from simcal.failures import FailureReason, classify, describe
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
+from simcal.samplers import make_sampler, run_seed
 from simcal.service import SimulationService
 from simcal.storage import (
     FAIL_REASON,
@@ -147,6 +148,7 @@ class Calibration:
         )
         if recovered:
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
+        self._reseed()
         self._counted = with_retries(lambda: counted_trials(self.study), what="count trials")
         self._init_best()
         log.info(
@@ -410,6 +412,14 @@ class Calibration:
         self._threads = max(cluster.threads, 1)
         self.metrics.observe_cluster(cluster.workers, cluster.threads, cluster.busy_threads)
         self.metrics.refresh()
+
+    def _reseed(self) -> None:
+        """A resumed study gets a seed of its own (same seed: the first run's points again)."""
+        stored = with_retries(lambda: len(self.study.get_trials(deepcopy=False)), what="resume")
+        if stored:
+            seed = run_seed(self.config.seed, stored)
+            self.study.sampler = make_sampler(self.config.sampler, seed)
+            log.debug("sampler seed %d (%d trials stored)", seed, stored)
 
     def _init_best(self) -> None:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import optuna
 from optuna.samplers import TPESampler
 from optuna.samplers._tpe.sampler import default_gamma
 from optuna.study import StudyDirection
@@ -144,3 +145,26 @@ def _ordered(
     order = np.argsort(numbers, kind="stable")
     rows = params[order][valid[order]]
     return {name: rows[:, i] for i, name in enumerate(space)}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
+    if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
+        return CachedTPESampler(constant_liar=True, multivariate=True, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def run_seed(seed: int, stored: int) -> int:
+    """The sampler's seed for a run that finds ``stored`` trials in its study.
+
+    ``seed`` itself for a new study; for a resumed one a seed derived from both, so each
+    run of a study proposes new points (the same seed would repeat the first run's), and
+    the same study history gives the same seed.
+    """
+    if stored == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, stored]).generate_state(1)[0])

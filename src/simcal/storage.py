@@ -17,8 +17,6 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
-from simcal.samplers import CachedTPESampler
-
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -82,17 +80,6 @@ def _check_sqlite_path(url: str) -> None:
         raise StorageError(
             f"cannot open storage {redact(url)}: {directory} is not writable ({exc.strerror})"
         ) from None
-
-
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
-    if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
-        return CachedTPESampler(constant_liar=True, multivariate=True, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    raise ValueError(f"unknown sampler {name!r}")
 
 
 def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
