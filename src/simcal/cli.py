@@ -14,30 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
+from simcal.argtypes import number as _number
+from simcal.argtypes import positive_int as _positive_int
 from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.exits import (
+    EXIT_FAILURE,
+    EXIT_NO_TRIAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    quiet_on_broken_pipe,
+)
 from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def _number(text: str, kind: type[int] | type[float]) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-        ) from None
-
-
-def _positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _port(text: str) -> int:
     value = _number(text, int)
@@ -213,13 +203,13 @@ def _check_targets(config: CalibrationConfig) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``simcal run``: the calibration."""
     from simcal.cluster import ClusterOptions, connect
-    from simcal.driver import Calibration
+    from simcal.driver import Calibration, RunStats
     from simcal.metrics import Metrics
     from simcal.progress import ProgressReporter
     from simcal.report import summarize
     from simcal.samplers import make_sampler
     from simcal.service import SimulationService
-    from simcal.storage import open_study, redact
+    from simcal.storage import open_study
 
     config = _resolve_config(
         args,
@@ -237,6 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         source = "--scheduler" if args.scheduler else "DASK_SCHEDULER_ADDRESS"
         _check_scheduler(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
+    if _nothing_to_do(study, config):  # before a cluster is started for nothing
+        _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))
+        return EXIT_OK
     metrics = Metrics(config.study)
     if args.metrics_port:
         try:
@@ -267,21 +260,48 @@ def cmd_run(args: argparse.Namespace) -> int:
             _on_signals(calibration.request_stop)
             stats = calibration.run()
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        summary = summarize(
-            study,
-            stats,
-            {"mode": config.mode, "workers": workers, "storage": redact(config.storage)},
-        )
-        text = json.dumps(summary, indent=2, default=str)
-        print(text)
-        if args.summary:
-            args.summary.write_text(text + "\n", encoding="utf-8")
+        _write_summary(args, summarize(study, stats, _run_facts(config, workers)))
         if args.metrics_linger and args.metrics_port:
             log.info("keeping /metrics up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
     finally:
         metrics.close()
+    if stats.completed == 0 and stats.failed:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.errors.items()))
+        print(
+            f"simcal: error: no trial completed: all {stats.failed} trials of this run failed "
+            f"({reasons}); `simcal results` shows each trial's error",
+            file=sys.stderr,
+        )
+        return EXIT_NO_TRIAL
     return EXIT_OK
+
+
+def _nothing_to_do(study: Any, config: CalibrationConfig) -> bool:
+    """Whether the study already has its ``max_trials``; says so if it does."""
+    from simcal.storage import counted_trials, with_retries
+
+    done = with_retries(lambda: counted_trials(study), what="count trials")
+    if done < config.max_trials:
+        return False
+    log.warning(
+        "nothing to do: study %s has %d of %d trials; raise --max-trials to continue",
+        config.study, done, config.max_trials,
+    )
+    return True
+
+
+def _run_facts(config: CalibrationConfig, workers: int) -> dict[str, Any]:
+    from simcal.storage import redact
+
+    return {"mode": config.mode, "workers": workers, "storage": redact(config.storage)}
+
+
+def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.summary:
+        args.summary.write_text(text + "\n", encoding="utf-8")
 
 
 def _on_signals(stop: Any) -> None:
@@ -346,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     try:
-        return args.handler(args)
+        return quiet_on_broken_pipe(lambda: args.handler(args))
     except ConfigError as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

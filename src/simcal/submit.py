@@ -18,10 +18,10 @@ from typing import Any
 
 import yaml
 
+from simcal.argtypes import positive_int as _positive_int
 from simcal.config import ConfigError, load_config
+from simcal.exits import EXIT_FAILURE, EXIT_OK
 from simcal.kube_manifests import IMAGE, Submission
-
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def _dns_label(text: str, max_length: int) -> str:
@@ -39,12 +39,6 @@ def _release(text: str) -> str:
 
 def _namespace(text: str) -> str:
     return _dns_label(text, 63)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def add_submit_parser(commands: argparse._SubParsersAction) -> None:
