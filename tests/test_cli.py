@@ -187,15 +187,26 @@ def test_a_run_in_which_every_trial_failed_says_so_and_exits_3(tmp_path: Path) -
     config = write_config(
         tmp_path, max_trials=3, replicates=1, model_options={"error_rate": 1.0}, sampler="random"
     )
-    result = run_simcal(
-        "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
-        "--dashboard-address", "127.0.0.1:0",
-    )
+    import socket
+
+    with socket.socket() as busy:  # the dashboard's port is taken: Dask picks another quietly
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_simcal(
+            "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+            "--dashboard-address", f"127.0.0.1:{busy.getsockname()[1]}",
+        )
     assert result.returncode == 3, result.stderr[-3000:]
     assert (
         "no trial completed: all 3 trials of this run failed (3 simulation_error)" in result.stderr
     )
     assert json.loads(result.stdout)["n_failed"] == 3
+    # one line per failed trial, its reason and the error's first line; no Dask blocks
+    lines = result.stderr.splitlines()
+    failed = [line for line in lines if " failed (simulation_error): " in line]
+    assert len(failed) == 3, result.stderr
+    for noise in ("Compute Failed", "Traceback", "already in use"):
+        assert noise not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("command", ["check-config", "results"])

@@ -305,8 +305,15 @@ def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 def _on_signals(stop: Any) -> None:
+    signals = []
+
     def handler(signum: int, _frame: object) -> None:
-        log.warning("%s: no new trials; finishing those in flight", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if signals:
+            log.warning("%s again: stopping now; unfinished trials are re-enqueued", name)
+        else:
+            log.warning("%s: no new trials; finishing those in flight (again: stop now)", name)
+        signals.append(signum)
         stop("signal")
 
     signal.signal(signal.SIGTERM, handler)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,41 @@ class ClusterOptions:
         if self.min_workers is not None:
             return self.min_workers
         return self.workers if self.scheduler is None else 1
+
+
+# Dask's own log records that repeat what simcal tells once per failed trial (its reason and
+# the first line of its error; the text in `simcal results`), or that a deliberate stop of a
+# local cluster causes: logger name -> message prefixes.
+_NOISE = {
+    "distributed.worker": ("Compute Failed",),
+    "distributed.worker.state_machine": ("Async instruction for",),
+    "distributed.nanny": ("Worker process still alive after",),
+}
+
+
+class _DropNoise(logging.Filter):
+    """Drops the records in :data:`_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefixes = _NOISE.get(record.name, ())
+        return not (prefixes and str(record.msg).startswith(prefixes))
+
+
+def quiet_dask_logs() -> None:
+    """Drop Dask's per-task failure blocks and shutdown warnings in this process (idempotent)."""
+    for name in _NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+class QuietWorkerLogs(WorkerPlugin):
+    """Runs :func:`quiet_dask_logs` in each worker process of a local cluster."""
+
+    name = "simcal-quiet-logs"
+
+    def setup(self, worker: object) -> None:
+        quiet_dask_logs()
 
 
 def check_versions(client: Client) -> None:
@@ -62,22 +99,19 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
                 ) from None
         else:
             log.info("starting a local cluster of %d worker processes", options.workers)
+            quiet_dask_logs()
             try:
-                local = LocalCluster(
-                    n_workers=options.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=options.dashboard_address,
-                    memory_limit=options.worker_memory_limit or "auto",
-                    security=options.security,
-                    host="127.0.0.1",
-                )
+                with warnings.catch_warnings():
+                    # a busy dashboard port: Dask picks a free one, logged below with the link
+                    warnings.filterwarnings("ignore", "Port .* is already in use", UserWarning)
+                    local = _local_cluster(options)
             except (RuntimeError, OSError, ValueError) as exc:
                 raise ClusterError(
                     f"cannot start a local cluster (dashboard {options.dashboard_address}): {exc}"
                 ) from None
             cluster = stack.enter_context(local)
             client = Client(cluster, security=options.security)
+            client.register_plugin(QuietWorkerLogs())
         stack.enter_context(client)
         try:
             client.wait_for_workers(options.required_workers, timeout=options.connect_timeout)
@@ -90,3 +124,15 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
         check_versions(client)
         log.info("connected to scheduler %s", client.scheduler.address)
         yield client
+
+
+def _local_cluster(options: ClusterOptions) -> LocalCluster:
+    return LocalCluster(
+        n_workers=options.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=options.dashboard_address,
+        memory_limit=options.worker_memory_limit or "auto",
+        security=options.security,
+        host="127.0.0.1",
+    )

@@ -349,7 +349,7 @@ class Calibration:
         self._stats.failed += 1
         self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
         self.metrics.trial_failed(reason, seconds)
-        log.debug("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+        log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
 
     @staticmethod
     def _set_attrs(trial: optuna.Trial, attrs: dict[str, object]) -> None:
