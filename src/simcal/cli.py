@@ -325,11 +325,11 @@ def cmd_results(args: argparse.Namespace) -> int:
     import optuna
 
     from simcal.report import format_rows, trial_row
-    from simcal.storage import StorageError, redact
+    from simcal.storage import StorageError, connect_url, redact
 
     config = _resolve_config(args)
     try:
-        study = optuna.load_study(study_name=config.study, storage=config.storage)
+        study = optuna.load_study(study_name=config.study, storage=connect_url(config.storage))
     except KeyError:
         raise StorageError(f"no study {config.study!r} in {redact(config.storage)}") from None
     except Exception as exc:
@@ -366,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
-    from simcal.storage import StorageError
+    from simcal.storage import StorageError, StorageURLError
 
     # after importing distributed, whose own logging setup sets its level to INFO
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return quiet_on_broken_pipe(lambda: args.handler(args))
-    except ConfigError as exc:
+    except (ConfigError, StorageURLError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, ClusterError, SchedulerLostError) as exc:
