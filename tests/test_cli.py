@@ -231,3 +231,14 @@ def test_a_closed_stdout_exits_quietly(tmp_path: Path, command: str) -> None:
         os.close(write)
     assert result.stderr == ""
     assert result.returncode == 141
+
+
+def test_a_scheduler_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal(
+        "run", "--config", str(config), "--scheduler", "nosuchhost.invalid:8786",
+        "--metrics-port", "0", "--connect-timeout", "2",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "the name 'nosuchhost.invalid' does not resolve" in result.stderr, result.stderr
+    assert "Timed out" not in result.stderr and "Traceback" not in result.stderr

@@ -143,48 +143,9 @@ def _resolve_config(args: argparse.Namespace, **overrides: Any) -> CalibrationCo
 
 
 def _security(args: argparse.Namespace) -> object | None:
-    files = (args.tls_ca_file, args.tls_cert, args.tls_key)
-    if not any(files):
-        return None
-    if not all(files):
-        raise ConfigError("--tls-ca-file, --tls-cert and --tls-key must be given together")
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"TLS file {str(path)!r} does not exist")
-    from distributed.security import Security
+    from simcal.cluster import security_from_files
 
-    cert, key = str(args.tls_cert), str(args.tls_key)
-    # The client uses the certificate; a local cluster's scheduler and workers do too.
-    return Security(
-        tls_ca_file=str(args.tls_ca_file),
-        tls_client_cert=cert,
-        tls_client_key=key,
-        tls_scheduler_cert=cert,
-        tls_scheduler_key=key,
-        tls_worker_cert=cert,
-        tls_worker_key=key,
-        require_encryption=True,
-    )
-
-
-def _check_scheduler(address: str, source: str, security: object | None) -> None:
-    """An address Dask can connect to, with TLS options exactly when it is ``tls://``."""
-    import dask
-    from distributed.comm import parse_address
-    from distributed.comm.registry import get_backend
-
-    try:
-        scheme, _ = parse_address(address)
-        get_backend(scheme)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise ConfigError(f"{source} {address!r}: {exc}") from None
-    configured = dask.config.get("distributed.comm.tls.ca-file", default=None)
-    if scheme == "tls" and security is None and not configured:
-        raise ConfigError(
-            f"{source} {address!r}: a tls:// scheduler needs --tls-ca-file, --tls-cert, --tls-key"
-        )
-    if scheme != "tls" and security is not None:
-        raise ConfigError(f"{source} {address!r}: TLS options given, but the address is not tls://")
+    return security_from_files(args.tls_ca_file, args.tls_cert, args.tls_key)
 
 
 def _check_targets(config: CalibrationConfig) -> None:
@@ -225,7 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     if scheduler:
         source = "--scheduler" if args.scheduler else "DASK_SCHEDULER_ADDRESS"
-        _check_scheduler(scheduler, source, security)
+        from simcal.cluster import check_scheduler_address
+
+        check_scheduler_address(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
     if _nothing_to_do(study, config):  # before a cluster is started for nothing
         _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))

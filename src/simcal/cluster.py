@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
+
+from simcal.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,77 @@ class QuietWorkerLogs(WorkerPlugin):
         quiet_dask_logs()
 
 
+def security_from_files(
+    ca_file: Path | None, cert: Path | None, key: Path | None
+) -> object | None:
+    """Dask TLS for the client (and a local cluster's scheduler and workers), or None."""
+    files = (ca_file, cert, key)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ConfigError("--tls-ca-file, --tls-cert and --tls-key must be given together")
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"TLS file {str(path)!r} does not exist")
+    from distributed.security import Security
+
+    # The client uses the certificate; a local cluster's scheduler and workers do too.
+    return Security(
+        tls_ca_file=str(ca_file),
+        tls_client_cert=str(cert),
+        tls_client_key=str(key),
+        tls_scheduler_cert=str(cert),
+        tls_scheduler_key=str(key),
+        tls_worker_cert=str(cert),
+        tls_worker_key=str(key),
+        require_encryption=True,
+    )
+
+
+def check_scheduler_address(address: str, source: str, security: object | None) -> None:
+    """An address Dask can connect to, with TLS options exactly when it is ``tls://``."""
+    import dask
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, _ = parse_address(address)
+        get_backend(scheme)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise ConfigError(f"{source} {address!r}: {exc}") from None
+    configured = dask.config.get("distributed.comm.tls.ca-file", default=None)
+    if scheme == "tls" and security is None and not configured:
+        raise ConfigError(
+            f"{source} {address!r}: a tls:// scheduler needs --tls-ca-file, --tls-cert, --tls-key"
+        )
+    if scheme != "tls" and security is not None:
+        raise ConfigError(f"{source} {address!r}: TLS options given, but the address is not tls://")
+
+
+def _wait_for_name(address: str, timeout: float) -> None:
+    """Wait until the scheduler's host name resolves (a new Service's DNS name may lag);
+    a :class:`ClusterError` saying the name does not resolve if it never does."""
+    from distributed.comm import get_address_host
+
+    try:
+        host = get_address_host(address)
+    except ValueError:
+        return  # not host:port (e.g. inproc): Dask says what is wrong
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"cannot connect to scheduler {address}: the name {host!r} does not resolve "
+                    f"({exc.strerror}; waited {timeout:.0f}s)"
+                ) from None
+            log.debug("scheduler host %s does not resolve yet: %s", host, exc)
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+
+
 def check_versions(client: Client) -> None:
     """Fail on version skew of required packages between client, scheduler and workers."""
     try:
@@ -88,6 +164,7 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
     with contextlib.ExitStack() as stack:
         if options.scheduler:
             log.info("connecting to scheduler %s", options.scheduler)
+            _wait_for_name(options.scheduler, options.connect_timeout)
             try:
                 client = Client(
                     options.scheduler, timeout=options.connect_timeout, security=options.security
