@@ -242,3 +242,31 @@ def test_a_scheduler_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "the name 'nosuchhost.invalid' does not resolve" in result.stderr, result.stderr
     assert "Timed out" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["run"], ["--workers WORKERS     local cluster workers (default: 8)", "(default: 0.0)"]),
+        (["results"], ["(default: csv)"]),
+        ([], ["(default: INFO)"]),
+    ],
+)
+def test_help_shows_defaults(
+    command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    for item in shown:
+        assert item in text, text
+    assert "(default: None)" not in text
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("study: [unclosed\n", encoding="utf-8")
+    result = run_simcal("check-config", str(path))
+    assert result.returncode == 2
+    assert f'in "{path}", line 1, column 8' in result.stderr, result.stderr
+    assert "<unicode string>" not in result.stderr

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
+from simcal.argtypes import Parser
 from simcal.argtypes import number as _number
 from simcal.argtypes import positive_int as _positive_int
 from simcal.bench.cli import add_bench_parser
@@ -113,19 +114,23 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # every subcommand's parser too (parser_class): --help shows defaults
         prog="simcal", description="Calibrate stochastic simulation models on a Dask cluster."
     )
     parser.add_argument("--version", action="version", version=f"simcal {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="log verbosity"
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
     _add_run_parser(commands)
     add_bench_parser(commands)
     add_submit_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)
-    results.add_argument("--format", choices=("csv", "json"), default="csv")
+    results.add_argument("--format", choices=("csv", "json"), default="csv", help="output")
     results.set_defaults(handler=cmd_results)
 
     check = commands.add_parser("check-config", help="validate a config and print it resolved")

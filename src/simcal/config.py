@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -177,7 +178,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(f"config {str(path)!r} is not UTF-8 text") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+        stream = io.StringIO(text)
+        stream.name = str(path)  # PyYAML names the file in its errors (else "<unicode string>")
+        data = yaml.load(stream, Loader=_Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
     except RecursionError:
