@@ -25,7 +25,7 @@ from simcal.config import CalibrationConfig
 from simcal.failures import FailureReason, classify, describe
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
-from simcal.samplers import make_sampler, run_seed
+from simcal.samplers import make_sampler, run_seed, trial_id
 from simcal.service import SimulationService
 from simcal.storage import (
     FAIL_REASON,
@@ -264,7 +264,7 @@ class Calibration:
                 continue
             log.info("trial %d was left running by a failed ask; telling it", frozen.number)
             params = retry_params(frozen, self._distributions)  # e.g. a popped retry
-            requeue(self.study, frozen.number, frozen._trial_id, params)
+            requeue(self.study, frozen.number, trial_id(frozen), params)
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         trial_id = str(trial.number)
@@ -379,7 +379,7 @@ class Calibration:
                 log.debug("cancel failed: %s", exc)
             with_retries(
                 lambda run=run: requeue(
-                    self.study, run.trial.number, run.trial._trial_id, run.trial.params
+                    self.study, run.trial.number, trial_id(run.trial), run.trial.params
                 ),
                 what="re-enqueue interrupted trial",
             )

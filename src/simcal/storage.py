@@ -19,6 +19,9 @@ import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 
+from simcal.samplers import set_trial_user_attr
+from simcal.samplers import trial_id as storage_id
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -261,7 +264,7 @@ def recover_interrupted(study: optuna.Study, names: Collection[str]) -> list[int
     """
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for frozen in orphans:
-        requeue(study, frozen.number, frozen._trial_id, retry_params(frozen, names))
+        requeue(study, frozen.number, storage_id(frozen), retry_params(frozen, names))
     return [frozen.number for frozen in orphans]
 
 
@@ -288,7 +291,7 @@ def requeue(study: optuna.Study, number: int, trial_id: int, params: dict[str, A
 
 def mark_interrupted(study: optuna.Study, number: int, trial_id: int) -> None:
     """Tell a trial failed as interrupted: it does not count towards ``max_trials``."""
-    study._storage.set_trial_user_attr(trial_id, FAIL_REASON, INTERRUPTED)
+    set_trial_user_attr(study, trial_id, FAIL_REASON, INTERRUPTED)
     study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # retried as a whole
 
 
