@@ -645,7 +645,6 @@ def test_monitoring_off(rendered):
     assert "prometheus" not in json.dumps(find_all(objects, "NetworkPolicy"))
 
 
-@pytest.mark.skipif(not RULES_FILE.is_file(), reason="files/prometheus-rules.yaml not written yet")
 def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     rule = find(default_objects, "PrometheusRule")
     source = yaml.safe_load(RULES_FILE.read_text())
@@ -669,9 +668,6 @@ def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     ), "SimcalDriverDown does not select the chart's driver job"
 
 
-@pytest.mark.skipif(
-    not DASHBOARD_FILE.is_file(), reason="files/grafana-dashboard.json not written yet"
-)
 def test_grafana_dashboard_configmap(default_objects):
     cm = find(default_objects, "ConfigMap", "simcal-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
