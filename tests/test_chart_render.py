@@ -864,3 +864,19 @@ def test_image_tag_and_digest(rendered):
 
 def test_render_is_deterministic():
     assert render_raw() == render_raw()
+
+
+def test_every_probe_is_built_by_the_one_probe_helper(default_objects):
+    """simcal.httpProbe writes every field; a probe written by hand (driver's was) lacks some."""
+    fields = {"httpGet", "initialDelaySeconds", "periodSeconds", "timeoutSeconds",
+              "failureThreshold"}
+    probes = {
+        f"{key}/{container['name']}/{kind}": container[kind]
+        for key, spec in pod_specs(default_objects).items()
+        for container in spec["containers"]
+        for kind in ("readinessProbe", "livenessProbe")
+        if kind in container
+    }
+    assert any("driver" in key for key in probes), sorted(probes)
+    for key, probe in probes.items():
+        assert set(probe) == fields, (key, probe)
