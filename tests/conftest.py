@@ -35,6 +35,13 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         yield connected
 
 
+def require(condition: object, reason: str) -> None:
+    """Skip when a tool the test needs is missing, except in CI (``CI`` set, as .ci/run
+    does), where every test must run: there the missing tool fails the test."""
+    if not condition:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
 def write_config(directory: Path, **fields: object) -> Path:
     """A config file for the synthetic model, with ``fields`` overriding the defaults."""
     config = {

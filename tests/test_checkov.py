@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from chart import REPO_ROOT, parse, render_raw
+from conftest import require
 
 CONFIG = REPO_ROOT / ".checkov.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -59,10 +60,7 @@ def checkov_command() -> list[str] | None:
 @pytest.fixture(scope="module")
 def checkov() -> list[str]:
     command = checkov_command()
-    if command is None:
-        if os.environ.get("CI"):
-            pytest.fail("checkov is not installed: `make test` builds .venv-checkov")
-        pytest.skip("checkov is not installed (make .venv-checkov/.installed)")
+    require(command, "checkov is not installed: `make test` builds .venv-checkov")
     return command
 
 

@@ -31,7 +31,7 @@ import sqlalchemy.exc
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from conftest import run_simcal, write_config
+from conftest import require, run_simcal, write_config
 from pgserver import postgres_bin, postgres_server
 from processes import HOST, free_port, simcal_run, stopping, wait_until
 from simcal.samplers import make_sampler
@@ -331,10 +331,7 @@ def test_run_survives_a_locked_sqlite_database(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[object]:
     """A server of this module's own: the restart test stops and starts it."""
-    if postgres_bin() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed: run `make system-deps`")
-        pytest.skip("PostgreSQL is not installed (Debian's postgresql)")
+    require(postgres_bin(), "PostgreSQL is not installed: run `make system-deps`")
     with postgres_server() as server:
         yield server
 
