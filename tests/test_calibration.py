@@ -284,3 +284,16 @@ def test_the_resumed_seed_is_reproducible() -> None:
     assert run_seed(7, 0) == 7
     assert run_seed(7, 5) == run_seed(7, 5) != run_seed(7, 6)
     assert run_seed(7, 5) != run_seed(8, 5)
+
+
+def test_a_failed_trial_logs_one_line_and_stores_the_whole_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    error = ValueError("first line\nsecond line\nthird line")
+    run, _, _ = calibration(tmp_path, lambda n, polls: error if n == 1 else 1.0, max_trials=3)
+    with caplog.at_level("WARNING", logger="simcal.driver"):
+        run.run()
+    stored = run.study.trials[1].user_attrs["error"]
+    assert stored == "ValueError: first line\nsecond line\nthird line"
+    lines = [r.getMessage() for r in caplog.records if "trial 1 failed" in r.getMessage()]
+    assert lines == ["trial 1 failed (simulation_error): ValueError: first line"]

@@ -22,7 +22,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from simcal.config import CalibrationConfig
-from simcal.failures import FailureReason, classify, describe
+from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.samplers import make_sampler, run_seed, trial_id
@@ -340,7 +340,7 @@ class Calibration:
         reason = classify(error)
         attrs = {
             FAIL_REASON: reason.value,
-            "error": describe(error),
+            "error": full_text(error),  # the log line below has the first line
             "duration_seconds": round(seconds, 4),
         }
         with_retries(lambda: self._set_attrs(run.trial, attrs), what="tell failed trial")
