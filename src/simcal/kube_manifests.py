@@ -185,10 +185,12 @@ class Submission:
             ],
             "env": env,
             "ports": [{"name": "metrics", "containerPort": 8000, "protocol": "TCP"}],
-            "readinessProbe": {
+            "readinessProbe": {  # as the chart's simcal.httpProbe writes it
                 "httpGet": {"path": "/metrics", "port": "metrics"},
+                "initialDelaySeconds": 0,
                 "periodSeconds": 10,
                 "timeoutSeconds": 5,
+                "failureThreshold": 3,
             },
             "resources": {
                 "limits": {"memory": "2Gi"},
