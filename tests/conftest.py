@@ -73,7 +73,7 @@ def run_simcal(*args: str, timeout: float = 300, **popen: object) -> subprocess.
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[object]:
-    """A throwaway PostgreSQL server on 127.0.0.1 for the session (see tests/pgserver.py).
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (see tests/support/pgserver.py).
 
     Each test creates its own database. Missing binaries fail (``make system-deps``
     installs Debian's postgresql), so the PostgreSQL tests cannot be skipped silently.

@@ -391,7 +391,7 @@ def test_observed_data_that_cannot_be_loaded_exits_2_naming_the_target(workdir: 
 
 @pytest.fixture
 def bad_client(client: Client) -> Iterator[Client]:
-    """The shared cluster, with tests/bad_models.py importable on every worker."""
+    """The shared cluster, with tests/support/bad_models.py importable on every worker."""
     client.upload_file(str(Path(bad_models.__file__)))
     yield client
 

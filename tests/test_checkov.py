@@ -2,7 +2,7 @@
 Dockerfile, and every check it is told to skip carries a reason in the repository.
 
 checkov's own Helm runner needs a ``helm`` binary, which this project does not install;
-the chart is rendered with the real Helm engine instead (``tests/chart.py``, as ``helm
+the chart is rendered with the real Helm engine instead (``tests/support/chart.py``, as ``helm
 template`` would), in several value sets, into plain manifests that checkov's Kubernetes
 runner scans. The Dask operator turns each DaskCluster into a scheduler Deployment, a
 scheduler Service and worker Deployments; checkov does not know that CRD, so those objects

@@ -21,7 +21,7 @@ import helm_python
 import yaml
 from helm_python import _native
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "helm" / "simcal"
 K8S_DIR = REPO_ROOT / "k8s"
 RULES_FILE = CHART_DIR / "files" / "prometheus-rules.yaml"
