@@ -270,3 +270,4 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f'in "{path}", line 1, column 8' in result.stderr, result.stderr
     assert "<unicode string>" not in result.stderr
+    assert "    study: [unclosed\n           ^" in result.stderr  # the snippet stays

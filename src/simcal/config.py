@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -178,10 +177,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(f"config {str(path)!r} is not UTF-8 text") from None
     try:
-        stream = io.StringIO(text)
-        stream.name = str(path)  # PyYAML names the file in its errors (else "<unicode string>")
-        data = yaml.load(stream, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:  # the file, not "<unicode string>"; the snippet stays
+                mark.name = str(path)
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
