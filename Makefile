@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench system-deps clean k8s-manifests
+.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test: system-deps $(VENV)/.test-installed $(CHECKOV_VENV)/.installed
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests
+
+## chart-docs: write helm/simcal/README.md's values table from the `# --` comments in values.yaml
+chart-docs: $(VENV)/.test-installed
+	$(BIN)/python scripts/chart_docs.py
 
 ## bench: the short benchmark run (see docs/performance.md)
 bench: $(VENV)/.test-installed

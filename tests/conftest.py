@@ -35,6 +35,13 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
         yield connected
 
 
+def require(condition: object, reason: str) -> None:
+    """Skip when a tool the test needs is missing, except in CI (``CI`` set, as .ci/run
+    does), where every test must run: there the missing tool fails the test."""
+    if not condition:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+
+
 def write_config(directory: Path, **fields: object) -> Path:
     """A config file for the synthetic model, with ``fields`` overriding the defaults."""
     config = {
@@ -66,7 +73,7 @@ def run_simcal(*args: str, timeout: float = 300, **popen: object) -> subprocess.
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[object]:
-    """A throwaway PostgreSQL server on 127.0.0.1 for the session (see tests/pgserver.py).
+    """A throwaway PostgreSQL server on 127.0.0.1 for the session (see tests/support/pgserver.py).
 
     Each test creates its own database. Missing binaries fail (``make system-deps``
     installs Debian's postgresql), so the PostgreSQL tests cannot be skipped silently.

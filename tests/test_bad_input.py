@@ -36,8 +36,9 @@ from simcal.config import CalibrationConfig, ConfigError, load_config, validate_
 from simcal.driver import Calibration
 from simcal.failures import ModelOutputError, NonFiniteLossError
 from simcal.metrics import Metrics
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 from simcal.targets import mse
 from simcal.tasks import MAX_OUTPUT_ELEMENTS, aggregate, run_replicate
 from simcal.trials import FAIL_REASON
@@ -391,7 +392,7 @@ def test_observed_data_that_cannot_be_loaded_exits_2_naming_the_target(workdir: 
 
 @pytest.fixture
 def bad_client(client: Client) -> Iterator[Client]:
-    """The shared cluster, with tests/bad_models.py importable on every worker."""
+    """The shared cluster, with tests/support/bad_models.py importable on every worker."""
     client.upload_file(str(Path(bad_models.__file__)))
     yield client
 

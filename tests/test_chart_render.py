@@ -646,7 +646,6 @@ def test_monitoring_off(rendered):
     assert "prometheus" not in json.dumps(find_all(objects, "NetworkPolicy"))
 
 
-@pytest.mark.skipif(not RULES_FILE.is_file(), reason="files/prometheus-rules.yaml not written yet")
 def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     rule = find(default_objects, "PrometheusRule")
     source = yaml.safe_load(RULES_FILE.read_text())
@@ -670,9 +669,6 @@ def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     ), "SimcalDriverDown does not select the chart's driver job"
 
 
-@pytest.mark.skipif(
-    not DASHBOARD_FILE.is_file(), reason="files/grafana-dashboard.json not written yet"
-)
 def test_grafana_dashboard_configmap(default_objects):
     cm = find(default_objects, "ConfigMap", "simcal-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -871,3 +867,19 @@ def test_image_tag_and_digest(rendered):
 
 def test_render_is_deterministic():
     assert render_raw() == render_raw()
+
+
+def test_every_probe_is_built_by_the_one_probe_helper(default_objects):
+    """simcal.httpProbe writes every field; a probe written by hand (driver's was) lacks some."""
+    fields = {"httpGet", "initialDelaySeconds", "periodSeconds", "timeoutSeconds",
+              "failureThreshold"}
+    probes = {
+        f"{key}/{container['name']}/{kind}": container[kind]
+        for key, spec in pod_specs(default_objects).items()
+        for container in spec["containers"]
+        for kind in ("readinessProbe", "livenessProbe")
+        if kind in container
+    }
+    assert any("driver" in key for key in probes), sorted(probes)
+    for key, probe in probes.items():
+        assert set(probe) == fields, (key, probe)

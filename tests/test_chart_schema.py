@@ -214,3 +214,34 @@ def test_parallel_drivers_are_an_indexed_job_on_postgresql():
 def test_parallel_drivers_refuse_a_shared_sqlite_volume():
     with pytest.raises(Exception, match=r"driver\.parallelism > 1 needs PostgreSQL"):
         render({"driver": {"parallelism": 2}})
+
+
+def test_the_values_table_is_generated_from_values_yaml(tmp_path):
+    """helm/simcal/README.md's table is what `make chart-docs` writes; an edit of a `# --`
+    comment without regenerating it fails here."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = CHART_DIR.parent.parent / "scripts" / "chart_docs.py"
+    values = (CHART_DIR / "values.yaml").read_text(encoding="utf-8")
+    assert "## --" not in values, "values.yaml: helm-docs comments are `# --`, not `## --`"
+
+    def check(chart):
+        return subprocess.run(
+            [sys.executable, str(script), "--check", "--chart", str(chart)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+
+    fresh = check(CHART_DIR)
+    assert fresh.returncode == 0, fresh.stderr
+    copy = tmp_path / "chart"
+    shutil.copytree(CHART_DIR, copy)
+    edited = values.replace("# -- Number of Dask workers", "# -- How many Dask workers", 1)
+    assert edited != values
+    (copy / "values.yaml").write_text(edited, encoding="utf-8")
+    stale = check(copy)
+    assert stale.returncode == 1 and "stale" in stale.stderr
+    subprocess.run([sys.executable, str(script), "--chart", str(copy)], check=True, timeout=60)
+    assert "How many Dask workers" in (copy / "README.md").read_text(encoding="utf-8")
+    assert check(copy).returncode == 0

@@ -2,7 +2,7 @@
 Dockerfile, and every check it is told to skip carries a reason in the repository.
 
 checkov's own Helm runner needs a ``helm`` binary, which this project does not install;
-the chart is rendered with the real Helm engine instead (``tests/chart.py``, as ``helm
+the chart is rendered with the real Helm engine instead (``tests/support/chart.py``, as ``helm
 template`` would), in several value sets, into plain manifests that checkov's Kubernetes
 runner scans. The Dask operator turns each DaskCluster into a scheduler Deployment, a
 scheduler Service and worker Deployments; checkov does not know that CRD, so those objects
@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from chart import REPO_ROOT, parse, render_raw
+from conftest import require
 
 CONFIG = REPO_ROOT / ".checkov.yaml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -59,10 +60,7 @@ def checkov_command() -> list[str] | None:
 @pytest.fixture(scope="module")
 def checkov() -> list[str]:
     command = checkov_command()
-    if command is None:
-        if os.environ.get("CI"):
-            pytest.fail("checkov is not installed: `make test` builds .venv-checkov")
-        pytest.skip("checkov is not installed (make .venv-checkov/.installed)")
+    require(command, "checkov is not installed: `make test` builds .venv-checkov")
     return command
 
 

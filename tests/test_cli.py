@@ -136,3 +136,144 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "cannot connect to scheduler tcp://127.0.0.1:9" in result.stderr
+
+
+def _finished_study(tmp_path: Path, trials: int) -> Path:
+    """A config whose study already holds ``trials`` completed trials, from one earlier run."""
+    import datetime
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    config = write_config(tmp_path, study="done", max_trials=trials)
+    study = optuna.create_study(
+        study_name="done", storage=f"sqlite:///{tmp_path / 'simcal.db'}", direction="minimize"
+    )
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    for number in range(trials):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"x": 0.5, "y": 0.5},
+                distributions={"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)},
+                value=float(number),
+                user_attrs={"run_id": "first", "duration_seconds": 1.0},
+            )
+        )
+    import sqlite3
+
+    # two trials a minute: the study-wide rate of the earlier run
+    with sqlite3.connect(tmp_path / "simcal.db") as db:
+        for number in range(trials):
+            begun = start + datetime.timedelta(seconds=30 * number)
+            db.execute(
+                "UPDATE trials SET datetime_start = ?, datetime_complete = ? WHERE number = ?",
+                (str(begun), str(begun + datetime.timedelta(seconds=30)), number),
+            )
+    return config
+
+
+def test_a_finished_study_has_nothing_to_do_and_starts_no_cluster(tmp_path: Path) -> None:
+    config = _finished_study(tmp_path, 4)
+    # An unreachable scheduler: reaching for it would fail the run.
+    result = run_simcal(
+        "run", "--config", str(config), "--scheduler", "tcp://127.0.0.1:9", "--metrics-port", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "nothing to do: study done has 4 of 4 trials; raise --max-trials to continue"
+        in result.stderr
+    )
+    summary = json.loads(result.stdout)
+    assert summary["n_completed"] == 4
+    assert summary["trials_per_minute"] == 2.0  # the study's, not this idle run's 0
+    assert summary["this_run"]["completed"] == 0
+
+
+def test_a_run_in_which_every_trial_failed_says_so_and_exits_3(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path, max_trials=3, replicates=1, model_options={"error_rate": 1.0}, sampler="random"
+    )
+    import socket
+
+    with socket.socket() as busy:  # the dashboard's port is taken: Dask picks another quietly
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_simcal(
+            "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+            "--dashboard-address", f"127.0.0.1:{busy.getsockname()[1]}",
+        )
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert (
+        "no trial completed: all 3 trials of this run failed (3 simulation_error)" in result.stderr
+    )
+    assert json.loads(result.stdout)["n_failed"] == 3
+    # one line per failed trial, its reason and the error's first line; no Dask blocks
+    lines = result.stderr.splitlines()
+    failed = [line for line in lines if " failed (simulation_error): " in line]
+    assert len(failed) == 3, result.stderr
+    for noise in ("Compute Failed", "Traceback", "already in use"):
+        assert noise not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("command", ["check-config", "results"])
+def test_a_closed_stdout_exits_quietly(tmp_path: Path, command: str) -> None:
+    """``simcal results | head``: the reader went away; no traceback, the SIGPIPE status."""
+    import os
+    import subprocess
+    import sys
+
+    config = _finished_study(tmp_path, 3)
+    argv = ["check-config", str(config)] if command == "check-config" else [
+        "results", "--config", str(config)
+    ]
+    read, write = os.pipe()
+    os.close(read)  # as `| true`: the reader is gone before simcal writes
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "simcal.cli", *argv], stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=120, check=False,
+        )
+    finally:
+        os.close(write)
+    assert result.stderr == ""
+    assert result.returncode == 141
+
+
+def test_a_scheduler_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal(
+        "run", "--config", str(config), "--scheduler", "nosuchhost.invalid:8786",
+        "--metrics-port", "0", "--connect-timeout", "2",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "the name 'nosuchhost.invalid' does not resolve" in result.stderr, result.stderr
+    assert "Timed out" not in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["run"], ["--workers WORKERS     local cluster workers (default: 8)", "(default: 0.0)"]),
+        (["results"], ["(default: csv)"]),
+        ([], ["(default: INFO)"]),
+    ],
+)
+def test_help_shows_defaults(
+    command: list[str], shown: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = capsys.readouterr().out
+    for item in shown:
+        assert item in text, text
+    assert "(default: None)" not in text
+
+
+def test_a_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("study: [unclosed\n", encoding="utf-8")
+    result = run_simcal("check-config", str(path))
+    assert result.returncode == 2
+    assert f'in "{path}", line 1, column 8' in result.stderr, result.stderr
+    assert "<unicode string>" not in result.stderr
+    assert "    study: [unclosed\n           ^" in result.stderr  # the snippet stays

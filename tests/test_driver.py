@@ -12,11 +12,12 @@ from distributed import Client
 from optuna.trial import TrialState
 
 from simcal.config import validate_config
-from simcal.driver import Calibration, RunStats
+from simcal.driver import Calibration, RunStats, auto_in_flight
 from simcal.metrics import Metrics
 from simcal.models.seir import TRUE_PARAMS
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 from simcal.trials import FAIL_REASON
 
 SYNTHETIC: dict[str, Any] = {
@@ -128,7 +129,23 @@ def test_resume_counts_earlier_trials(client: Client, tmp_path: Path) -> None:
     assert len(study.get_trials()) == 25
 
 
-def test_streaming_keeps_workers_busy_and_reports_it(client: Client, tmp_path: Path) -> None:
+def test_streaming_keeps_workers_busy_and_reports_it(
+    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Enough trials in flight to keep every thread busy, and the utilization reported.
+
+    How busy the threads actually were depends on how much CPU the driver gets (on a loaded
+    2-core machine 0.25 was seen); that is measured by `simcal bench`, not asserted here.
+    What the driver controls is the work it keeps queued: ~3 replicates per thread.
+    """
+    in_flight: list[int] = []
+    original = Metrics.set_inflight
+
+    def recording(self: Metrics, trials: int) -> None:
+        in_flight.append(trials)
+        original(self, trials)
+
+    monkeypatch.setattr(Metrics, "set_inflight", recording)
     _, metrics, stats = calibrate(
         client,
         tmp_path,
@@ -139,5 +156,6 @@ def test_streaming_keeps_workers_busy_and_reports_it(client: Client, tmp_path: P
     )
     assert stats.stop_reason == "max_time"
     assert metrics.value("simcal_workers") == 8
-    # sampled from the workers' heartbeats: sleeping replicates occupy nearly every thread
-    assert metrics.value("simcal_worker_utilization_ratio") > 0.6
+    assert max(in_flight) == auto_in_flight(8, 4) == 7  # 28 replicates queued for 8 threads
+    # sampled from the workers' heartbeats
+    assert 0 < metrics.value("simcal_worker_utilization_ratio") <= 1

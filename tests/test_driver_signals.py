@@ -156,3 +156,35 @@ def test_sigkill_then_rerun_resumes_without_loss_postgres(tmp_path: Path, pg_ser
     database = f"resume_{tmp_path.name.lower()[-20:].replace('-', '_')}"
     pg_server.admin(f"CREATE DATABASE {database} OWNER {pg_server.user}")
     _kill_then_resume(tmp_path, pg_server.url(database=database), "resume-postgres")
+
+
+def test_a_second_sigint_stops_now_without_dask_noise(tmp_path: Path) -> None:
+    """Ctrl-C twice: the second says 'stopping now' and the run ends without Dask's warnings."""
+    config = write_config(
+        tmp_path, study="twice", model_options={"duration": 120.0}, replicates=1,
+        max_trials=10, max_in_flight=2, sampler="random", grace_period=300,
+    )
+    storage = f"sqlite:///{tmp_path / 'simcal.db'}"
+    with stopping() as procs:
+        driver = simcal_run(config, tmp_path, "--workers", "2")
+        procs.append(driver)
+
+        def two_running() -> bool:
+            if not driver.says(STUDY_OPEN):
+                return False
+            trials = stored_trials(storage, "twice")
+            return sum(t.state == TrialState.RUNNING for t in trials) == 2
+
+        wait_until(two_running, 300, "two trials in flight")
+        driver.signal(signal.SIGINT)
+        wait_until(lambda: driver.says("no new trials"), 60, "the first signal's message")
+        driver.signal(signal.SIGINT)
+        assert driver.wait(120) == 0, driver.output()[-4000:]
+    output = driver.output()
+    assert "SIGINT again: stopping now" in output, output[-3000:]
+    for noise in ("CancelledError", "Traceback", "still alive after"):
+        assert noise not in output, output[-3000:]
+    trials = stored_trials(storage, "twice")
+    assert sorted(t.user_attrs.get("fail_reason") for t in trials if t.state.is_finished()) == [
+        "interrupted", "interrupted"
+    ]

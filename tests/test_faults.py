@@ -50,9 +50,12 @@ def _progress(driver: Proc, storage: str, study: str, at_least: int) -> bool:
 
 def test_worker_killed_mid_calibration_loses_no_trial(tmp_path: Path) -> None:
     """SIGKILL a worker process running a simulation: Dask reruns its tasks, nothing is lost."""
-    study, max_trials = "worker-kill", 30
+    # About 25 s of simulation on 3 workers: under load, noticing the first told trial and
+    # finding a busy worker can take many seconds; with 0.4 s replicates the run could end
+    # first (seen: 'timed out waiting for a worker running a simulation').
+    study, max_trials = "worker-kill", 36
     config = write_config(
-        tmp_path, study=study, model_options={"duration": 0.4}, replicates=2,
+        tmp_path, study=study, model_options={"duration": 1.0}, replicates=2,
         max_trials=max_trials, sampler="random",
     )
     storage, summary = _storage(tmp_path), tmp_path / "summary.json"
@@ -62,11 +65,12 @@ def test_worker_killed_mid_calibration_loses_no_trial(tmp_path: Path) -> None:
         client.wait_for_workers(3, timeout=180)
         driver = simcal_run(config, tmp_path, "--scheduler", address, "--summary", str(summary))
         procs.append(driver)
-        wait_until(lambda: _progress(driver, storage, study, 5), 180, "5 told trials")
+        wait_until(lambda: _progress(driver, storage, study, 2), 180, "2 told trials")
 
         pids = client.run(os.getpid)
 
         def busy_worker_pid() -> int | None:
+            assert driver.alive(), "the run ended before a worker could be killed mid-run"
             for worker, keys in client.processing().items():
                 if any(str(key).startswith("sim-") for key in keys) and worker in pids:
                     return int(pids[worker])

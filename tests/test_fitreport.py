@@ -23,8 +23,9 @@ from simcal.driver import STORED_FITS, Calibration
 from simcal.metrics import Metrics
 from simcal.models.seir import simulate
 from simcal.reporting.page import write_report
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService, replicate_seed
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 from simcal.tasks import FIT_ATTR_PREFIX, SUMMARY_POINTS, summarize_replicates
 
 SEIR: dict[str, Any] = {

@@ -34,7 +34,7 @@ import pytest
 
 import simcal
 from calibration_run import assert_calibrated, driver_summary
-from conftest import REPO, write_config
+from conftest import REPO, require, write_config
 from processes import free_port, start, stopping, wait_until
 
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
@@ -76,10 +76,6 @@ def test_hadolint_requires_the_oci_labels(tmp_path):
     assert "DL3049" in result.stdout and "org.opencontainers.image.title" in result.stdout
 
 
-def _require(condition: bool, reason: str) -> None:
-    """Skip without the tools, but fail in CI, where the image test must run."""
-    if not condition:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
 
 
 @contextlib.contextmanager
@@ -140,8 +136,8 @@ class Podman:
 def podman() -> Podman:
     """podman on overlay storage, or on vfs where overlay does not work."""
     for tool in ("podman", "runc", "debootstrap", "tar"):
-        _require(shutil.which(tool) is not None, f"{tool} is not installed")
-    _require(os.geteuid() == 0, "the image build needs root (debootstrap, podman storage)")
+        require(shutil.which(tool) is not None, f"{tool} is not installed")
+    require(os.geteuid() == 0, "the image build needs root (debootstrap, podman storage)")
     for driver in ("overlay", "vfs"):
         if (candidate := Podman(driver)).succeeds("info"):
             return candidate

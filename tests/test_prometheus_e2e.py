@@ -8,7 +8,6 @@ so that the 5-minute recording rule has a full window to compare with the driver
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import yaml
 from optuna.trial import TrialState
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, SIMCAL, write_config
+from conftest import REPO, SIMCAL, require, write_config
 from dashboard_queries import dashboard_queries, load_dashboard
 from simcal.models.synthetic import fault_draw
 from simcal.trials import FAIL_REASON
@@ -62,10 +61,7 @@ class PrometheusServer:
 
     def __init__(self, directory: Path, targets: dict[str, int]) -> None:
         binary = shutil.which("prometheus")
-        if binary is None:
-            if os.environ.get("CI"):
-                pytest.fail("prometheus is not installed (make test installs Debian's package)")
-            pytest.skip("prometheus is not installed; run `make test` to install it")
+        require(binary, "prometheus is not installed (make test installs Debian's package)")
         self.port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},

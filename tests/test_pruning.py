@@ -13,8 +13,9 @@ from optuna.trial import TrialState
 from simcal.config import validate_config
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 from simcal.trials import counted_trials
 
 

@@ -10,8 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.samplers import TPESampler
 from optuna.trial import TrialState
 
-from simcal.samplers import CachedTPESampler
-from simcal.storage import make_sampler
+from simcal.samplers import CachedTPESampler, make_sampler
 
 DISTRIBUTIONS = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(1e-3, 10.0, log=True)}
 
@@ -62,11 +61,41 @@ def test_same_suggestions_as_optuna_on_sqlite(tmp_path) -> None:
 
 
 def test_pruned_trials_take_optunas_path() -> None:
-    study = optuna.create_study(sampler=make_sampler("tpe", 0))
-    for value in range(15):
-        trial = study.ask(DISTRIBUTIONS)
-        study.tell(trial, float(value) if value % 3 else None, state=_state(value))
-    assert set(study.ask(DISTRIBUTIONS).params) == set(DISTRIBUTIONS)
+    """With pruned trials in the history, the cached sampler suggests exactly what Optuna's does."""
+
+    def suggestions(sampler: optuna.samplers.BaseSampler) -> list[dict[str, float]]:
+        study = optuna.create_study(sampler=sampler)
+        asked = []
+        for value in range(25):
+            trial = study.ask(DISTRIBUTIONS)
+            asked.append(trial.params)
+            study.tell(trial, float(value % 7) if value % 3 else None, state=_state(value))
+        return [*asked, study.ask(DISTRIBUTIONS).params]
+
+    cached = make_sampler("tpe", 0)
+    assert isinstance(cached, CachedTPESampler)
+    stock = TPESampler(constant_liar=True, multivariate=True, seed=0)
+    assert suggestions(cached) == suggestions(stock)
+
+
+@pytest.mark.parametrize("unverified", ["version", "member"])
+def test_an_unverified_optuna_falls_back_to_its_own_tpe(
+    unverified: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Optuna release not verified, or lacking a private member used: stock TPESampler."""
+    import simcal.samplers
+
+    monkeypatch.setattr(simcal.samplers, "_warned", [])
+    if unverified == "version":
+        monkeypatch.setattr(simcal.samplers, "VERIFIED_OPTUNA", ("4.9",))
+    else:
+        monkeypatch.delattr(TPESampler, "_compute_acquisition_func")
+    with caplog.at_level("WARNING", logger="simcal.samplers"):
+        samplers = [make_sampler("tpe", 0), make_sampler("tpe", 1)]
+    assert [type(s) for s in samplers] == [TPESampler, TPESampler]
+    assert len(caplog.records) == 1, caplog.text  # one line, not one per sampler
+    expected = "was not verified" if unverified == "version" else "lacks _compute_acquisition_func"
+    assert expected in caplog.text and "using Optuna's TPESampler" in caplog.text
 
 
 def _state(value: int) -> TrialState:

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -30,10 +31,11 @@ import sqlalchemy.exc
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from conftest import run_simcal, write_config
+from conftest import require, run_simcal, write_config
 from pgserver import postgres_bin, postgres_server
 from processes import HOST, free_port, simcal_run, stopping, wait_until
-from simcal.storage import StorageError, make_sampler, open_study, redact
+from simcal.samplers import make_sampler
+from simcal.storage import StorageError, open_study, redact
 from simcal.trials import with_retries
 
 PASSWORD = "s3cret-Zq81x"  # distinctive: a plain substring search finds any leak
@@ -330,10 +332,7 @@ def test_run_survives_a_locked_sqlite_database(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[object]:
     """A server of this module's own: the restart test stops and starts it."""
-    if postgres_bin() is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed: run `make system-deps`")
-        pytest.skip("PostgreSQL is not installed (Debian's postgresql)")
+    require(postgres_bin(), "PostgreSQL is not installed: run `make system-deps`")
     with postgres_server() as server:
         yield server
 
@@ -431,3 +430,85 @@ def test_wrong_postgres_password_fails_clearly_without_either_password(
     assert checked.returncode == 0, checked.stderr
     assert wrong not in checked.stdout
     assert f"simcal:***@{HOST}:{server.port}" in json.loads(checked.stdout)["storage"]
+
+
+# -- storage URLs as typed -------------------------------------------------------------------
+
+
+def test_scrubbing_hides_the_password_not_letters_of_other_words() -> None:
+    from simcal.storage import _scrub
+
+    message = "Failed to import DB access module for the specified storage URL (p) p@x"
+    url = "mysql://u:p@localhost/db?sslkey=k"
+    assert _scrub(message, url) == (
+        "Failed to import DB access module for the specified storage URL (***) ***@x"
+    )
+    encoded = "postgresql://u:a%2Fb@h/db"  # the password a/b
+    assert _scrub("dsn user=u password=a/b and a%2Fb", encoded) == (
+        "dsn user=u password=*** and ***"
+    )
+    assert _scrub(f"password={PASSWORD}", f"sqlite:///x.db?password={PASSWORD}") == "password=***"
+
+
+@pytest.mark.parametrize(
+    ("typed", "shown", "suggestion"),
+    [
+        ("sir.db", "'sir.db'", "sqlite:///sir.db"),
+        ("sqlite:/sir.db", "'sqlite:/sir.db'", "sqlite:////sir.db"),
+        (f"u:{PASSWORD}@sir", "'<storage URL not shown: it may hold a password>'", "sqlite:///"),
+    ],
+)
+def test_an_invalid_storage_url_is_shown_with_a_correct_example(
+    tmp_path: Path, typed: str, shown: str, suggestion: str
+) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal("check-config", str(config))  # the config itself is fine
+    assert result.returncode == 0, result.stderr
+    result = run_simcal(
+        "run", "--config", str(config), "--storage", typed, "--metrics-port", "0", timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"invalid storage URL {shown}" in result.stderr and suggestion in result.stderr
+    assert PASSWORD not in result.stderr + result.stdout
+    _no_traceback(result.stderr)
+
+
+def test_unknown_database_driver_names_what_to_install(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    result = run_simcal(
+        "run", "--config", str(config), "--storage", f"mysql://u:{PASSWORD}@localhost/db",
+        "--metrics-port", "0", timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no database driver for 'mysql'" in result.stderr, result.stderr
+    assert "import DB access module" not in result.stderr and PASSWORD not in result.stderr
+
+
+def test_postgresql_without_its_driver_names_the_extra(tmp_path: Path) -> None:
+    """psycopg2 made unimportable, as in an install without simcal[postgres]."""
+    config = write_config(tmp_path)
+    code = (
+        "import sys; sys.modules['psycopg2'] = None; sys.modules['psycopg'] = None\n"
+        "from simcal.cli import main\n"
+        f"sys.exit(main(['run', '--config', {str(config)!r}, '--metrics-port', '0',"
+        f" '--storage', 'postgresql://u:{PASSWORD}@127.0.0.1:1/db']))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'simcal[postgres]'" in result.stderr
+    assert PASSWORD not in result.stderr
+
+
+def test_postgres_scheme_is_postgresql(tmp_path: Path) -> None:
+    """``postgres://`` (libpq's and Heroku's spelling) reaches PostgreSQL like postgresql://."""
+    config = write_config(tmp_path)
+    with _closed_port() as port:
+        result = run_simcal(
+            "run", "--config", str(config), "--metrics-port", "0",
+            "--storage", f"postgres://u:{PASSWORD}@{HOST}:{port}/db", timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Connection refused" in result.stderr, result.stderr  # tried: the server is down
+    assert f"postgres://u:***@{HOST}:{port}/db" in result.stderr and PASSWORD not in result.stderr

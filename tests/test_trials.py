@@ -12,7 +12,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from conftest import run_simcal
-from simcal.storage import make_sampler, open_study
+from simcal.samplers import make_sampler
+from simcal.storage import open_study
 from simcal.trials import (
     FAIL_REASON,
     INTERRUPTED,

@@ -14,32 +14,23 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
+from simcal.argtypes import Parser
+from simcal.argtypes import number as _number
+from simcal.argtypes import positive_int as _positive_int
 from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.exits import (
+    EXIT_FAILURE,
+    EXIT_NO_TRIAL,
+    EXIT_OK,
+    EXIT_USAGE,
+    quiet_on_broken_pipe,
+)
 from simcal.posterior import add_posterior_parser
 from simcal.reporting.cli import add_report_parser
 from simcal.submit import add_submit_parser
 
 log = logging.getLogger("simcal")
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-
-
-def _number(text: str, kind: type[int] | type[float]) -> Any:
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
-        ) from None
-
-
-def _positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def _port(text: str) -> int:
     value = _number(text, int)
@@ -131,12 +122,16 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # every subcommand's parser too (parser_class): --help shows defaults
         prog="simcal", description="Calibrate stochastic simulation models on a Dask cluster."
     )
     parser.add_argument("--version", action="version", version=f"simcal {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"), help="log verbosity"
+    )
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=Parser
+    )
     _add_run_parser(commands)
     add_bench_parser(commands)
     add_submit_parser(commands)
@@ -145,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = commands.add_parser("results", help="print every stored trial")
     _add_study_arguments(results)
-    results.add_argument("--format", choices=("csv", "json"), default="csv")
+    results.add_argument("--format", choices=("csv", "json"), default="csv", help="output")
     results.add_argument(
         "--sort", choices=("number", "loss"), default="number", help="row order (loss: best first)"
     )
@@ -171,48 +166,9 @@ def _resolve_config(args: argparse.Namespace, **overrides: Any) -> CalibrationCo
 
 
 def _security(args: argparse.Namespace) -> object | None:
-    files = (args.tls_ca_file, args.tls_cert, args.tls_key)
-    if not any(files):
-        return None
-    if not all(files):
-        raise ConfigError("--tls-ca-file, --tls-cert and --tls-key must be given together")
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"TLS file {str(path)!r} does not exist")
-    from distributed.security import Security
+    from simcal.cluster import security_from_files
 
-    cert, key = str(args.tls_cert), str(args.tls_key)
-    # The client uses the certificate; a local cluster's scheduler and workers do too.
-    return Security(
-        tls_ca_file=str(args.tls_ca_file),
-        tls_client_cert=cert,
-        tls_client_key=key,
-        tls_scheduler_cert=cert,
-        tls_scheduler_key=key,
-        tls_worker_cert=cert,
-        tls_worker_key=key,
-        require_encryption=True,
-    )
-
-
-def _check_scheduler(address: str, source: str, security: object | None) -> None:
-    """An address Dask can connect to, with TLS options exactly when it is ``tls://``."""
-    import dask
-    from distributed.comm import parse_address
-    from distributed.comm.registry import get_backend
-
-    try:
-        scheme, _ = parse_address(address)
-        get_backend(scheme)
-    except (ValueError, TypeError, ImportError) as exc:
-        raise ConfigError(f"{source} {address!r}: {exc}") from None
-    configured = dask.config.get("distributed.comm.tls.ca-file", default=None)
-    if scheme == "tls" and security is None and not configured:
-        raise ConfigError(
-            f"{source} {address!r}: a tls:// scheduler needs --tls-ca-file, --tls-cert, --tls-key"
-        )
-    if scheme != "tls" and security is not None:
-        raise ConfigError(f"{source} {address!r}: TLS options given, but the address is not tls://")
+    return security_from_files(args.tls_ca_file, args.tls_cert, args.tls_key)
 
 
 def _check_targets(config: CalibrationConfig) -> None:
@@ -231,13 +187,14 @@ def _check_targets(config: CalibrationConfig) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """``simcal run``: the calibration."""
     from simcal.cluster import ClusterOptions, connect
-    from simcal.driver import Calibration
+    from simcal.driver import Calibration, RunStats
     from simcal.metrics import Metrics
     from simcal.probe import probe_cluster
     from simcal.progress import ProgressReporter
     from simcal.report import summarize
+    from simcal.samplers import make_sampler
     from simcal.service import SimulationService
-    from simcal.storage import make_sampler, open_study, redact
+    from simcal.storage import open_study
 
     config = _resolve_config(
         args,
@@ -253,8 +210,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     if scheduler:
         source = "--scheduler" if args.scheduler else "DASK_SCHEDULER_ADDRESS"
-        _check_scheduler(scheduler, source, security)
+        from simcal.cluster import check_scheduler_address
+
+        check_scheduler_address(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
+    if _nothing_to_do(study, config):  # before a cluster is started for nothing
+        _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))
+        return EXIT_OK
     metrics = Metrics(config.study)
     http = None
     if args.metrics_port:
@@ -291,15 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _on_signals(calibration.request_stop)
             stats = calibration.run()
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        summary = summarize(
-            study,
-            stats,
-            {"mode": config.mode, "workers": workers, "storage": redact(config.storage)},
-        )
-        text = json.dumps(summary, indent=2, default=str)
-        print(text)
-        if args.summary:
-            args.summary.write_text(text + "\n", encoding="utf-8")
+        _write_summary(args, summarize(study, stats, _run_facts(config, workers)))
         if args.metrics_linger and args.metrics_port:
             log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
@@ -307,12 +261,54 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics.close()
         if http is not None:
             http.close()
+    if stats.completed == 0 and stats.failed:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.errors.items()))
+        print(
+            f"simcal: error: no trial completed: all {stats.failed} trials of this run failed "
+            f"({reasons}); `simcal results` shows each trial's error",
+            file=sys.stderr,
+        )
+        return EXIT_NO_TRIAL
     return EXIT_OK
 
 
+def _nothing_to_do(study: Any, config: CalibrationConfig) -> bool:
+    """Whether the study already has its ``max_trials``; says so if it does."""
+    from simcal.trials import counted_trials, with_retries
+
+    done = with_retries(lambda: counted_trials(study), what="count trials")
+    if done < config.max_trials:
+        return False
+    log.warning(
+        "nothing to do: study %s has %d of %d trials; raise --max-trials to continue",
+        config.study, done, config.max_trials,
+    )
+    return True
+
+
+def _run_facts(config: CalibrationConfig, workers: int) -> dict[str, Any]:
+    from simcal.storage import redact
+
+    return {"mode": config.mode, "workers": workers, "storage": redact(config.storage)}
+
+
+def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.summary:
+        args.summary.write_text(text + "\n", encoding="utf-8")
+
+
 def _on_signals(stop: Any) -> None:
+    signals = []
+
     def handler(signum: int, _frame: object) -> None:
-        log.warning("%s: no new trials; finishing those in flight", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if signals:
+            log.warning("%s again: stopping now; unfinished trials are re-enqueued", name)
+        else:
+            log.warning("%s: no new trials; finishing those in flight (again: stop now)", name)
+        signals.append(signum)
         stop("signal")
 
     signal.signal(signal.SIGTERM, handler)
@@ -366,15 +362,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
     from simcal.probe import ProbeError
-    from simcal.storage import StorageError
+    from simcal.storage import StorageError, StorageURLError
 
     # after importing distributed, whose own logging setup sets its level to INFO
     logging.getLogger("distributed").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     try:
-        return args.handler(args)
-    except ConfigError as exc:
+        return quiet_on_broken_pipe(lambda: args.handler(args))
+    except (ConfigError, StorageURLError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, ClusterError, SchedulerLostError, ProbeError) as exc:

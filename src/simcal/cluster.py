@@ -5,11 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import dask
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from simcal.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,112 @@ class ClusterOptions:
         if self.min_workers is not None:
             return self.min_workers
         return self.workers if self.scheduler is None else 1
+
+
+# Dask's own log records that repeat what simcal tells once per failed trial (its reason and
+# the first line of its error; the text in `simcal results`), or that a deliberate stop of a
+# local cluster causes: logger name -> message prefixes.
+_NOISE = {
+    "distributed.worker": ("Compute Failed",),
+    "distributed.worker.state_machine": ("Async instruction for",),
+    "distributed.nanny": ("Worker process still alive after",),
+}
+
+
+class _DropNoise(logging.Filter):
+    """Drops the records in :data:`_NOISE`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        prefixes = _NOISE.get(record.name, ())
+        return not (prefixes and str(record.msg).startswith(prefixes))
+
+
+def quiet_dask_logs() -> None:
+    """Drop Dask's per-task failure blocks and shutdown warnings in this process (idempotent)."""
+    for name in _NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+
+
+class QuietWorkerLogs(WorkerPlugin):
+    """Runs :func:`quiet_dask_logs` in each worker process of a local cluster."""
+
+    name = "simcal-quiet-logs"
+
+    def setup(self, worker: object) -> None:
+        quiet_dask_logs()
+
+
+def security_from_files(
+    ca_file: Path | None, cert: Path | None, key: Path | None
+) -> object | None:
+    """Dask TLS for the client (and a local cluster's scheduler and workers), or None."""
+    files = (ca_file, cert, key)
+    if not any(files):
+        return None
+    if not all(files):
+        raise ConfigError("--tls-ca-file, --tls-cert and --tls-key must be given together")
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"TLS file {str(path)!r} does not exist")
+    from distributed.security import Security
+
+    # The client uses the certificate; a local cluster's scheduler and workers do too.
+    return Security(
+        tls_ca_file=str(ca_file),
+        tls_client_cert=str(cert),
+        tls_client_key=str(key),
+        tls_scheduler_cert=str(cert),
+        tls_scheduler_key=str(key),
+        tls_worker_cert=str(cert),
+        tls_worker_key=str(key),
+        require_encryption=True,
+    )
+
+
+def check_scheduler_address(address: str, source: str, security: object | None) -> None:
+    """An address Dask can connect to, with TLS options exactly when it is ``tls://``."""
+    import dask
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        scheme, _ = parse_address(address)
+        get_backend(scheme)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise ConfigError(f"{source} {address!r}: {exc}") from None
+    configured = dask.config.get("distributed.comm.tls.ca-file", default=None)
+    if scheme == "tls" and security is None and not configured:
+        raise ConfigError(
+            f"{source} {address!r}: a tls:// scheduler needs --tls-ca-file, --tls-cert, --tls-key"
+        )
+    if scheme != "tls" and security is not None:
+        raise ConfigError(f"{source} {address!r}: TLS options given, but the address is not tls://")
+
+
+def _wait_for_name(address: str, timeout: float) -> None:
+    """Wait until the scheduler's host name resolves (a new Service's DNS name may lag);
+    a :class:`ClusterError` saying the name does not resolve if it never does."""
+    from distributed.comm import get_address_host
+
+    try:
+        host = get_address_host(address)
+    except ValueError:
+        return  # not host:port (e.g. inproc): Dask says what is wrong
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as exc:
+            if time.monotonic() >= deadline:
+                raise ClusterError(
+                    f"cannot connect to scheduler {address}: the name {host!r} does not resolve "
+                    f"({exc.strerror}; waited {timeout:.0f}s)"
+                ) from None
+            log.debug("scheduler host %s does not resolve yet: %s", host, exc)
+            time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
 
 def check_versions(client: Client) -> None:
@@ -73,6 +186,7 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
     with contextlib.ExitStack() as stack:
         if options.scheduler:
             log.info("connecting to scheduler %s", options.scheduler)
+            _wait_for_name(options.scheduler, options.connect_timeout)
             try:
                 client = Client(
                     options.scheduler, timeout=options.connect_timeout, security=options.security
@@ -84,23 +198,20 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
                 ) from None
         else:
             log.info("starting a local cluster of %d worker processes", options.workers)
+            quiet_dask_logs()
             try:
                 stack.enter_context(dask.config.set(quiet_dask_config()))
-                local = LocalCluster(
-                    n_workers=options.workers,
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address=options.dashboard_address,
-                    memory_limit=options.worker_memory_limit or "auto",
-                    security=options.security,
-                    host="127.0.0.1",
-                )
+                with warnings.catch_warnings():
+                    # a busy dashboard port: Dask picks a free one, logged below with the link
+                    warnings.filterwarnings("ignore", "Port .* is already in use", UserWarning)
+                    local = _local_cluster(options)
             except (RuntimeError, OSError, ValueError) as exc:
                 raise ClusterError(
                     f"cannot start a local cluster (dashboard {options.dashboard_address}): {exc}"
                 ) from None
             cluster = stack.enter_context(local)
             client = Client(cluster, security=options.security)
+            client.register_plugin(QuietWorkerLogs())
         stack.enter_context(client)
         try:
             client.wait_for_workers(options.required_workers, timeout=options.connect_timeout)
@@ -113,3 +224,15 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
         check_versions(client)
         log.info("connected to scheduler %s", client.scheduler.address)
         yield client
+
+
+def _local_cluster(options: ClusterOptions) -> LocalCluster:
+    return LocalCluster(
+        n_workers=options.workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=options.dashboard_address,
+        memory_limit=options.worker_memory_limit or "auto",
+        security=options.security,
+        host="127.0.0.1",
+    )

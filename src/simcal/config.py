@@ -318,6 +318,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     try:
         data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
+        for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
+            if mark is not None:  # the file, not "<unicode string>"; the snippet stays
+                mark.name = str(path)
         raise ConfigError(f"config {str(path)!r} is not valid YAML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None

@@ -24,10 +24,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from simcal.config import CalibrationConfig
-from simcal.failures import FailureReason, classify, describe
+from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
+from simcal.samplers import make_sampler, run_seed
 from simcal.service import SimulationService
 from simcal.targets import make_objective
 from simcal.tasks import FIT_ATTR_PREFIX, TargetLoss
@@ -179,6 +180,7 @@ class Calibration:
 
     def _run(self, started: float) -> RunStats:
         self._recover(force=True)
+        self._reseed()
         self._count()
         self._init_best()
         log.info(
@@ -303,6 +305,8 @@ class Calibration:
         k drivers asking at once exceed ``max_trials`` by at most k - 1."""
         runs = []
         while len(self._inflight) < self._capacity():
+            if self._stop_requested.is_set():  # a signal arrived mid-fill: ask no more
+                break
             counts = self._count()
             if counts.committed >= self.config.max_trials and not counts.waiting:
                 break  # asks pop enqueued retries first: those do not add to the total
@@ -325,7 +329,9 @@ class Calibration:
             return
         self._last_recovery = now
         with self._storage("other"):
-            recovered = recover_stale(self.study, self.service.run_id, self.config.lease_grace)
+            recovered = recover_stale(
+                self.study, self.service.run_id, self.config.lease_grace, self._distributions
+            )
         if recovered:
             self._stats.recovered += len(recovered)
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
@@ -486,7 +492,7 @@ class Calibration:
         seconds = self._release(run)
         self.service.cancel(run.futures)
         reason = classify(error)
-        attrs = {FAIL_REASON: reason.value, ERROR: describe(error), DURATION: round(seconds, 4)}
+        attrs = {FAIL_REASON: reason.value, ERROR: full_text(error), DURATION: round(seconds, 4)}
         with self._storage("tell"):
             told = tell(self.study, run.trial, state=TrialState.FAIL, attrs=attrs, what="tell")
         if not told:
@@ -496,7 +502,7 @@ class Calibration:
         self._stats.failed += 1
         self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
         self.metrics.trial_failed(reason, seconds)
-        log.debug("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+        log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
 
     def _expire_timed_out(self) -> None:
         now = self._clock()
@@ -562,6 +568,14 @@ class Calibration:
     @property
     def _best(self) -> float:
         return self._best_losses[0] if self._best_losses else math.inf
+
+    def _reseed(self) -> None:
+        """A resumed study gets a seed of its own (same seed: the first run's points again)."""
+        stored = with_retries(lambda: len(self.study.get_trials(deepcopy=False)), what="resume")
+        if stored:
+            seed = run_seed(self.config.seed, stored)
+            self.study.sampler = make_sampler(self.config.sampler, seed)
+            log.debug("sampler seed %d (%d trials stored)", seed, stored)
 
     def _init_best(self) -> None:
         completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -68,3 +68,9 @@ def describe(error: BaseException) -> str:
     """A one-line description of an error, for the stored trial and logs."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}"[:500] if text else type(error).__name__
+
+
+def full_text(error: BaseException, limit: int = 4000) -> str:
+    """The error's whole message (every line), for the stored trial (``simcal results``)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}"[:limit] if text else type(error).__name__

@@ -94,7 +94,7 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "n_interrupted": sum(1 for t in trials if t.user_attrs.get(FAIL_REASON) == INTERRUPTED),
         "best_params": best.params if best else None,
         "best_loss": best.value if best else None,
-        "trials_per_minute": round(trials_per_minute(stats.completed, stats.elapsed), 3),
+        "trials_per_minute": study_rate(trials),
         "errors": dict(Counter(t.user_attrs.get(FAIL_REASON, "unknown") for t in failed)),
         "this_run": {
             "run_id": stats.run_id,
@@ -107,7 +107,27 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
             "dropped_told_by_another_driver": stats.taken_over,
             "errors": stats.errors,
             "elapsed_seconds": round(stats.elapsed, 3),
+            "trials_per_minute": round(trials_per_minute(stats.completed, stats.elapsed), 3),
             "stop_reason": stats.stop_reason,
         },
         **extra,
     }
+
+
+def study_rate(trials: list[FrozenTrial]) -> float:
+    """Completed trials per minute over the time the study's runs ran, pauses between excluded.
+
+    Each run's span is its trials' first start to last finish (trials carry their ``run_id``),
+    so a later run that had nothing to do leaves the rate as it was.
+    """
+    spans: dict[object, list] = {}
+    completed = 0
+    for trial in trials:
+        if trial.state != TrialState.COMPLETE or not trial.datetime_start:
+            continue
+        completed += 1
+        start, end = trial.datetime_start, trial.datetime_complete or trial.datetime_start
+        span = spans.setdefault(trial.user_attrs.get("run_id"), [start, end])
+        span[0], span[1] = min(span[0], start), max(span[1], end)
+    seconds = sum((end - start).total_seconds() for start, end in spans.values())
+    return round(completed * 60 / seconds, 3) if seconds > 0 else 0.0

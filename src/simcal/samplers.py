@@ -1,4 +1,5 @@
-"""The TPE sampler simcal uses: Optuna's, with the study's history kept as arrays.
+"""The optimizer: ``make_sampler``, a resumed run's seed, and every private Optuna member
+simcal touches, guarded by the Optuna versions it was verified against.
 
 Optuna's ``TPESampler._sample`` redoes Python work for every stored trial on every ask
 (constraint check, sort key, internal representation of the parameters), which grows to
@@ -7,21 +8,46 @@ each complete trial once, in numpy arrays, and on an ask only looks at the trial
 finished. It builds the same Parzen estimators from the same observations in the same
 order, so it suggests exactly what ``TPESampler`` would with the same seed. Cases it does
 not cover (several objectives, constraints, pruned trials, no constant liar) go to Optuna.
+
+It overrides and calls private members of ``TPESampler`` (:data:`TPE_INTERNALS`): on an
+Optuna version outside :data:`VERIFIED_OPTUNA`, or one lacking any of them,
+:func:`make_sampler` falls back to the stock ``TPESampler`` with one log line. The two
+other private members simcal uses (a trial's storage id, a user attribute set through the
+study's storage) are wrapped below, so no other module touches Optuna internals.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import optuna
 from optuna.samplers import TPESampler
-from optuna.samplers._tpe.sampler import default_gamma
+
+try:  # a private module: a release that moves it falls back to TPESampler (make_sampler)
+    from optuna.samplers._tpe.sampler import default_gamma
+except ImportError:  # pragma: no cover - only on an unverified Optuna
+    default_gamma = None
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
     from optuna.study import Study
+
+log = logging.getLogger(__name__)
+
+# Optuna releases (major.minor) CachedTPESampler was checked against: tests/test_samplers.py
+# compares its suggestions with TPESampler's. Add a release only after that test passes on it.
+VERIFIED_OPTUNA = ("5.0",)
+# The private members CachedTPESampler relies on: of a TPESampler, of a Study.
+TPE_INTERNALS = (
+    "_sample", "_constant_liar", "_parzen_estimator_cls", "_parzen_estimator_parameters",
+    "_rng", "_n_ei_candidates", "_compute_acquisition_func", "_compare", "_gamma",
+    "_get_params",
+)
+STUDY_INTERNALS = ("_is_multi_objective", "_get_trials")  # and its _storage, _study_id
 
 Space = dict[str, "BaseDistribution"]
 Observations = dict[str, np.ndarray]
@@ -144,3 +170,63 @@ def _ordered(
     order = np.argsort(numbers, kind="stable")
     rows = params[order][valid[order]]
     return {name: rows[:, i] for i, name in enumerate(space)}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
+    if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
+        options: dict[str, Any] = {"constant_liar": True, "multivariate": True, "seed": seed}
+        if not cached_tpe_verified():
+            return TPESampler(**options)
+        return CachedTPESampler(**options)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    raise ValueError(f"unknown sampler {name!r}")
+
+
+def run_seed(seed: int, stored: int) -> int:
+    """The sampler's seed for a run that finds ``stored`` trials in its study.
+
+    ``seed`` itself for a new study; for a resumed one a seed derived from both, so each
+    run of a study proposes new points (the same seed would repeat the first run's), and
+    the same study history gives the same seed.
+    """
+    if stored == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, stored]).generate_state(1)[0])
+
+
+_warned: list[str] = []
+
+
+def cached_tpe_verified(version: str | None = None) -> bool:
+    """Whether CachedTPESampler may run on this Optuna; logs once when it may not."""
+    version = version or optuna.__version__
+    release = ".".join(version.split(".")[:2])
+    sampler = TPESampler(constant_liar=True)
+    missing = [name for name in TPE_INTERNALS if not hasattr(sampler, name)]
+    missing += [f"Study.{name}" for name in STUDY_INTERNALS if not hasattr(optuna.Study, name)]
+    if default_gamma is None:
+        missing.append("optuna.samplers._tpe.sampler.default_gamma")
+    if release in VERIFIED_OPTUNA and not missing:
+        return True
+    if version not in _warned:
+        _warned.append(version)
+        why = f"lacks {', '.join(sorted(set(missing)))}" if missing else "was not verified"
+        log.warning(
+            "Optuna %s %s for simcal's cached TPE (verified: %s); using Optuna's TPESampler",
+            version, why, ", ".join(VERIFIED_OPTUNA),
+        )
+    return False
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The trial's id in its storage (Optuna keeps it private; numbers are per study)."""
+    return trial._trial_id
+
+
+def set_trial_user_attr(study: Study, trial_id: int, key: str, value: Any) -> None:
+    """Set a user attribute of any RUNNING trial by id, not only one this process asked."""
+    study._storage.set_trial_user_attr(trial_id, key, value)

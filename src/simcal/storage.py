@@ -8,15 +8,15 @@ recovery of a dead driver's trials) is :mod:`simcal.trials`.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 import optuna
 import sqlalchemy.event
 import sqlalchemy.exc
 from sqlalchemy.engine import make_url
-
-from simcal.samplers import CachedTPESampler
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,31 @@ POSTGRES_CONNECT_TIMEOUT = 10
 
 class StorageError(RuntimeError):
     """Storage cannot be opened or written; the message never contains a password."""
+
+
+class StorageURLError(StorageError):
+    """The storage URL is malformed or names a database without its driver: a usage error."""
+
+
+_EXAMPLES = (
+    "e.g. sqlite:///simcal.db (a file here), sqlite:////data/simcal.db (an absolute path) "
+    "or postgresql://user@host:5432/db"
+)
+_POSTGRES_SCHEMES = ("postgres", "postgresql")  # postgres://: Heroku's and libpq's spelling
+
+
+def connect_url(url: str) -> str:
+    """The URL to connect with: ``postgres://`` and ``postgresql://`` get psycopg2, the
+    driver ``simcal[postgres]`` installs (SQLAlchemy's default PostgreSQL driver may not be)."""
+    scheme, sep, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if sep and scheme in _POSTGRES_SCHEMES else url
+
+
+def _shown(url: str) -> str:
+    """An unparseable URL as typed, unless it could hold a password (userinfo or query)."""
+    if "@" in url or re.search(r"(?i)pass|pwd", url):
+        return "<storage URL not shown: it may hold a password>"
+    return url
 
 
 def _secrets(url: str) -> list[str]:
@@ -47,16 +72,21 @@ def redact(url: str) -> str:
         rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
         return rendered.replace("%2A%2A%2A", "***")
     except Exception:
-        return "<unparseable storage URL>"
+        return _shown(url)
 
 
 def _scrub(message: str, url: str) -> str:
+    """``message`` with the URL's password replaced wherever it stands as a token of its own
+    (as userinfo, a query value, or quoted alone), plain or percent-encoded, but not inside
+    other words: a password ``p`` must not turn ``import`` into ``im***ort``."""
     try:
         secrets = _secrets(url)
     except Exception:
         return message
     for secret in secrets:
-        message = message.replace(secret, "***")
+        for form in {secret, quote(secret, safe=""), quote_plus(secret)}:
+            token = rf"(?<![A-Za-z0-9]){re.escape(form)}(?![A-Za-z0-9])"
+            message = re.sub(token, "***", message)
     return message
 
 
@@ -79,23 +109,16 @@ def _check_sqlite_path(url: str) -> None:
         ) from None
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
-    if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
-        return CachedTPESampler(constant_liar=True, multivariate=True, seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    raise ValueError(f"unknown sampler {name!r}")
-
-
 def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create or load the study; a clear :class:`StorageError` if the storage is unusable."""
+    typed, url = url, connect_url(url)
     try:
         make_url(url)
     except Exception:
-        raise StorageError(f"invalid storage URL {redact(url)!r}") from None
+        raise StorageURLError(
+            f"invalid storage URL {_shown(typed)!r}: expected an SQLAlchemy URL, {_EXAMPLES}"
+            f"{_sqlite_hint(typed)}"
+        ) from None
     _check_sqlite_path(url)
     engine_kwargs: dict[str, object] = {"pool_pre_ping": True}
     parsed = make_url(url)
@@ -111,10 +134,33 @@ def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) 
         RuntimeError,  # e.g. a table schema of another Optuna version
         ValueError,
     ) as exc:
+        if isinstance(exc, ImportError) or "Can't load plugin" in str(exc):
+            raise StorageURLError(_missing_driver(typed, parsed)) from None
         cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
         lines = str(cause or exc).strip().splitlines() or [type(exc).__name__]
         reason = _scrub(lines[0], url)
-        raise StorageError(f"cannot open storage {redact(url)}: {reason}") from None
+        raise StorageError(f"cannot open storage {redact(typed)}: {reason}") from None
+
+
+def _sqlite_hint(typed: str) -> str:
+    """For a file path typed as a URL (``sir.db``, ``sqlite:/sir.db``): the URL meant."""
+    if "://" in typed or "@" in typed:
+        return ""
+    path = typed.removeprefix("sqlite:")
+    if path.startswith("/"):
+        name = path.lstrip("/")
+        return f"; for {name} here write sqlite:///{name}, for /{name} sqlite:////{name}"
+    return f"; for the SQLite file {path} write sqlite:///{path}"
+
+
+def _missing_driver(typed: str, parsed: sqlalchemy.engine.URL) -> str:
+    where = f"cannot open storage {redact(typed)}"
+    if parsed.get_backend_name() == "postgresql":
+        return f"{where}: PostgreSQL needs its driver: pip install 'simcal[postgres]'"
+    return (
+        f"{where}: no database driver for {parsed.drivername!r} is installed; install one and "
+        f"name it in the URL (as in mysql+pymysql://...), or use SQLite or PostgreSQL, {_EXAMPLES}"
+    )
 
 
 def _create_study(

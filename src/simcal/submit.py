@@ -19,12 +19,12 @@ from typing import Any
 
 import yaml
 
+from simcal.argtypes import positive_int as _positive_int
 from simcal.config import CalibrationConfig, ConfigError, load_config
+from simcal.exits import EXIT_FAILURE, EXIT_OK
 from simcal.kube_manifests import CONFIG_MAP_LIMIT, Submission
 from simcal.release import SubmitError, kube_client, read_template, template_for_dry_run
 from simcal.shipping import SKIPPED_PARTS, local_code, top_module
-
-EXIT_OK, EXIT_FAILURE = 0, 1
 
 
 def _dns_label(text: str, max_length: int) -> str:
@@ -42,12 +42,6 @@ def _release(text: str) -> str:
 
 def _namespace(text: str) -> str:
     return _dns_label(text, 63)
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def add_submit_parser(commands: argparse._SubParsersAction) -> None:

@@ -24,7 +24,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -304,7 +304,9 @@ def read_fresh(study: optuna.Study) -> None:
 # -- interrupting and re-enqueuing ---------------------------------------------------------------
 
 
-def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
+def requeue(
+    study: optuna.Study, trial: FrozenTrial | optuna.Trial, names: Collection[str] = ()
+) -> bool:
     """Claim a RUNNING trial as ``interrupted`` (failed, not counted) and enqueue its parameters
     again, retrying transient errors; False if another driver finished it first (only one
     claimant wins). A trial killed before its parameters were stored has nothing to retry.
@@ -319,6 +321,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> bool:
     # a popped retry killed before its suggest still has its parameters as fixed_params
     system_attrs = getattr(trial, "system_attrs", None) or {}
     params = {**system_attrs.get("fixed_params", {}), **trial.params}
+    if not set(names) <= params.keys():  # killed mid-ask: never submitted, nothing ran
+        params = {}
     if params:
         with_retries(
             lambda: study.enqueue_trial(params, user_attrs={RETRY_OF: trial.number}),
@@ -498,11 +502,16 @@ def stale_trials(
     return stale
 
 
-def recover_stale(study: optuna.Study, own_run_id: str, grace: float) -> list[int]:
-    """Claim other drivers' stale RUNNING trials and enqueue them again; their numbers."""
+def recover_stale(
+    study: optuna.Study, own_run_id: str, grace: float, names: Collection[str] = ()
+) -> list[int]:
+    """Claim other drivers' stale RUNNING trials and enqueue them again; their numbers.
+
+    ``names``: the study's parameter names; a trial without all of them was killed mid-ask
+    (never submitted) and is not retried."""
     recovered = []
     stale = with_retries(lambda: stale_trials(study, own_run_id, grace), what="read leases")
     for trial in stale:
-        if requeue(study, trial):
+        if requeue(study, trial, names):
             recovered.append(trial.number)
     return recovered

@@ -81,11 +81,8 @@ spec:
           containerPort: 8000
           protocol: TCP
       readinessProbe:
-        httpGet:
-          path: /metrics
-          port: "metrics"
-        periodSeconds: 10
-        timeoutSeconds: 5
+        {{- $probe := dict "initialDelaySeconds" 0 "periodSeconds" 10 "timeoutSeconds" 5 "failureThreshold" 3 }}
+        {{- include "simcal.httpProbe" (dict "path" "/metrics" "port" "metrics" "probe" $probe) | nindent 8 }}
       {{- with $d.resources }}
       resources:
         {{- include "simcal.resources" . | trim | nindent 8 }}

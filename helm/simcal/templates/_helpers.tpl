@@ -344,3 +344,55 @@ in the list and wins. */}}
 - name: DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL
   value: 1s
 {{- end }}
+
+{{/*
+A Dask container (scheduler or worker): one skeleton for both. Takes a dict:
+  root    the chart context
+  name    container name
+  values  the component's values (.Values.scheduler or .Values.workers): extraEnv,
+          readinessProbe, livenessProbe, resources
+  args    the command line (list)
+  env     env entries after the common ones (list)
+  ports   container ports (list; the probes use "http-dashboard")
+  mounts  volume mounts after the writable ones (list); the TLS mount is added when enabled
+*/}}
+{{- define "simcal.daskContainer" -}}
+{{- $root := .root -}}
+{{- $v := .values -}}
+- name: {{ .name }}
+  image: {{ include "simcal.image" $root | quote }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  args:
+    {{- toYaml .args | nindent 4 }}
+  env:
+    {{- include "simcal.commonEnv" $root | nindent 4 }}
+    {{- include "simcal.quietDaskEnv" $root | nindent 4 }}
+    {{- with .env }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- with $v.extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    {{- toYaml .ports | nindent 4 }}
+  readinessProbe:
+    {{- include "simcal.httpProbe" (dict "path" "/health" "port" "http-dashboard" "probe" $v.readinessProbe) | nindent 4 }}
+  livenessProbe:
+    {{- include "simcal.httpProbe" (dict "path" "/health" "port" "http-dashboard" "probe" $v.livenessProbe) | nindent 4 }}
+  {{- with $v.resources }}
+  resources:
+    {{- include "simcal.resources" . | trim | nindent 4 }}
+  {{- end }}
+  {{- with $root.Values.containerSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumeMounts:
+    {{- include "simcal.writableMounts" $root | nindent 4 }}
+    {{- with .mounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+    {{- if include "simcal.tlsEnabled" $root }}
+    {{- include "simcal.tlsMount" $root | nindent 4 }}
+    {{- end }}
+{{- end }}

@@ -27,7 +27,8 @@ from optuna.samplers import BaseSampler, RandomSampler, TPESampler
 from optuna.trial import create_trial
 from sqlalchemy import event
 
-from simcal.storage import make_sampler, open_study
+from simcal.samplers import make_sampler
+from simcal.storage import open_study
 
 log = logging.getLogger(__name__)
 

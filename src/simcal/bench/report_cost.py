@@ -18,8 +18,9 @@ from simcal.bench.workload import Workload, steady_rate
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
 from simcal.reporting.live import DEFAULT_INTERVAL, LiveReport
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 
 log = logging.getLogger(__name__)
 

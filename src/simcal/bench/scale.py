@@ -35,8 +35,9 @@ from simcal.cluster import QUIET_DASK
 from simcal.config import CalibrationConfig, validate_config
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler, open_study
+from simcal.storage import open_study
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from simcal.bench.throughput import _Silent
 from simcal.config import validate_config
 from simcal.driver import Calibration
 from simcal.metrics import Metrics
+from simcal.samplers import make_sampler
 from simcal.service import SimulationService
-from simcal.storage import make_sampler
 
 log = logging.getLogger(__name__)
 

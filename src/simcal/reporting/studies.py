@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from simcal.config import ConfigError
-from simcal.storage import StorageError, redact
+from simcal.storage import StorageError, connect_url, redact
 from simcal.trials import FAIL_REASON, INTERRUPTED
 
 
@@ -46,7 +46,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if local and not Path(str(database)).is_file():
         raise MissingStudyError(f"storage {redact(url)}: the SQLite file {database} does not exist")
     try:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
     except Exception as exc:
         raise StorageError(f"cannot read {redact(url)}: {type(exc).__name__}") from None
 

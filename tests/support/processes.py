@@ -251,6 +251,9 @@ def assert_no_loss(trials: list, max_trials: int) -> None:
     """Exactly ``max_trials`` counted, nothing left RUNNING or WAITING, every interruption retried.
 
     Optuna refuses to tell a finished trial again, and every trial number is stored once.
+    An interrupted trial that ran (every parameter stored, or fixed as a popped retry) is
+    retried with the same parameters until a retry finishes; one killed mid-ask never ran
+    and has nothing to retry (``simcal.storage.retry_params``).
     """
     from optuna.trial import TrialState
 
@@ -265,10 +268,20 @@ def assert_no_loss(trials: list, max_trials: int) -> None:
     interrupted = [t for t in trials if t.user_attrs.get("fail_reason") == "interrupted"]
     assert all(t.state == TrialState.FAIL for t in interrupted)
     retries = {t.user_attrs.get("retry_of"): t for t in trials if "retry_of" in t.user_attrs}
+    names = set().union(*(t.params.keys() for t in counted))
     for trial in interrupted:
-        if not trial.params and "fixed_params" not in trial.system_attrs:
-            continue  # killed mid-ask, before any parameter was stored: nothing to retry
+        ran = _ran_with(trial, names)
+        if not ran:
+            assert trial.number not in retries, f"trial {trial.number} never ran, yet was retried"
+            continue
         retry = retries.get(trial.number)
+        while retry is not None and retry.user_attrs.get("fail_reason") == "interrupted":
+            retry = retries.get(retry.number)  # a retry interrupted in turn
         assert retry is not None, f"interrupted trial {trial.number} was never retried"
-        expected = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-        assert retry.params == expected, f"retry of {trial.number} has other params"
+        assert retry.params == ran, f"retry of {trial.number} has other params"
+
+
+def _ran_with(trial: object, names: set[str]) -> dict:
+    """The parameters an interrupted trial ran with; empty if it was killed mid-ask."""
+    params = {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
+    return params if names <= params.keys() else {}

@@ -21,7 +21,7 @@ import helm_python
 import yaml
 from helm_python import _native
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO_ROOT / "helm" / "simcal"
 K8S_DIR = REPO_ROOT / "k8s"
 RULES_FILE = CHART_DIR / "files" / "prometheus-rules.yaml"
@@ -48,17 +48,6 @@ MONITORING_APIS: tuple[str, ...] = (
 ALL_APIS: tuple[str, ...] = DASK_APIS + MONITORING_APIS
 
 
-def base_values() -> dict[str, Any]:
-    """Values every test starts from: the chart defaults, except that the PrometheusRule
-    and the dashboard are switched off while their source files do not exist yet."""
-    monitoring: dict[str, Any] = {}
-    if not RULES_FILE.is_file():
-        monitoring["prometheusRule"] = {"enabled": False}
-    if not DASHBOARD_FILE.is_file():
-        monitoring["grafanaDashboard"] = {"enabled": False}
-    return {"monitoring": monitoring} if monitoring else {}
-
-
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge, ``override`` wins (like ``helm --set`` over values.yaml)."""
     merged = copy.deepcopy(dict(base))
@@ -83,13 +72,12 @@ def render_raw(
     namespace: str = NAMESPACE,
     revision: int = 1,
     kube_version: str | None = None,
-    use_base: bool = True,
 ) -> dict[str, str]:
     """Render every template: ``{template path: manifest text}``.
 
     Raises ``helm_python.HelmValuesError`` (schema) or ``HelmRenderError`` (``fail``).
     """
-    merged = deep_merge(base_values(), values or {}) if use_base else dict(values or {})
+    merged = dict(values or {})
     opts: dict[str, Any] = {
         "name": name,
         "namespace": namespace,

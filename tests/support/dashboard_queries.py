@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 DASHBOARD_FILE = (
-    Path(__file__).resolve().parents[1] / "helm" / "simcal" / "files" / "grafana-dashboard.json"
+    Path(__file__).resolve().parents[2] / "helm" / "simcal" / "files" / "grafana-dashboard.json"
 )
 
 

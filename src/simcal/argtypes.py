@@ -1,0 +1,49 @@
+"""Argument handling shared by the ``simcal`` subcommands: value types and the help format."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def number(text: str, kind: type[int] | type[float]) -> Any:
+    """``text`` as ``kind``; an argparse error naming what was expected otherwise."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+        ) from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows each option's default, unless it has none or its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or "default" in text
+            or not action.option_strings
+        ):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose help shows defaults; subcommands' parsers are one too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
