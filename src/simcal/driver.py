@@ -290,8 +290,11 @@ class Calibration:
             self.metrics.storage_time(operation, time.perf_counter() - started)
 
     def _wait_for_others(self) -> None:
+        """Other drivers' trials are still open: wait a poll, then look for stale ones (idle
+        here, so every poll; the loop's own check follows ``lease_interval``)."""
         with self._waiting():
-            time.sleep(POLL_SECONDS)  # other drivers' trials are still open
+            time.sleep(POLL_SECONDS)
+        self._recover(force=True)
 
     def _count(self) -> Tally:
         """Read the study's budget tally (every driver's trials) from storage."""
