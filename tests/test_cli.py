@@ -99,7 +99,7 @@ def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path)
     assert "trials 12/12" in result.stderr  # progress lines when not on a terminal
     last = [line for line in result.stderr.splitlines() if "trials 12/12" in line][-1]
     shown = float(last.split("trials/min (run)")[0].split()[-1])  # the same window: the run
-    assert shown == pytest.approx(summary["trials_per_minute"], abs=0.051), last
+    assert shown == pytest.approx(summary["this_run"]["trials_per_minute"], abs=0.051), last
     readme = (REPO / "README.md").read_text()
     assert [key for key in summary if f"`{key}`" not in readme] == []  # README lists every key
 

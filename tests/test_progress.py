@@ -48,5 +48,5 @@ def test_last_progress_line_agrees_with_the_summary(caplog: pytest.LogCaptureFix
     summary = summarize(
         optuna.create_study(), RunStats(completed=completed, elapsed=180.0), {}
     )
-    assert summary["trials_per_minute"] == pytest.approx(whole_run, abs=0.05)
-    assert summary["trials_per_minute"] == round(trials_per_minute(completed, 180.0), 3)
+    assert summary["this_run"]["trials_per_minute"] == pytest.approx(whole_run, abs=0.05)
+    assert summary["this_run"]["trials_per_minute"] == round(trials_per_minute(completed, 180.0), 3)
