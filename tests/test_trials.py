@@ -139,3 +139,25 @@ def test_lease_grace_must_span_two_renewals() -> None:
     with pytest.raises(ConfigError, match="lease_grace: must be at least twice lease_interval"):
         demo_config({"lease_interval": 5, "lease_grace": 9})
     assert demo_config({"lease_interval": 1, "lease_grace": 2}).lease_grace == 2
+
+
+def test_an_unverified_optuna_takes_the_public_storage_path(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On an Optuna release the private storage API was not verified against, tells, tallies
+    and pruned tells go through Optuna's public path, with the same results."""
+    import simcal.trials as trials
+
+    assert trials.storage_internals_verified()
+    assert not trials.storage_internals_verified("99.0.0")
+    monkeypatch.setattr(optuna, "__version__", "99.0.0")
+    assert trials._rdb(study) is None  # the fast RDB paths are off
+    trial = _asked(study, "me")
+    assert tell(study, trial, 0.25, attrs={"loss_y": 0.25}) is True
+    pruned = _asked(study, "me")
+    pruned.report(0.75, 1)
+    assert tell(study, pruned, state=TrialState.PRUNED, attrs={"pruned_at_replicates": 1})
+    stored = study.get_trials()
+    assert [t.state for t in stored] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert stored[0].user_attrs["loss_y"] == 0.25 and stored[1].value == 0.75
+    assert tally(study).counted == 2

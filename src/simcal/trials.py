@@ -119,8 +119,20 @@ def with_retries(
 # -- telling ----------------------------------------------------------------------------------
 
 
+def storage_internals_verified(version: str | None = None) -> bool:
+    """Whether the RDB fast paths here (one-transaction tells, COUNT tallies, throttled reads:
+    Optuna's private storage API) may run on this Optuna (``samplers.VERIFIED_OPTUNA``)."""
+    from simcal.samplers import VERIFIED_OPTUNA
+
+    version = version or optuna.__version__
+    return ".".join(version.split(".")[:2]) in VERIFIED_OPTUNA
+
+
 def _rdb(study: optuna.Study) -> RDBStorage | None:
-    """The study's RDB storage (Optuna wraps it in a cache), or None for other storages."""
+    """The study's RDB storage (Optuna wraps it in a cache), or None for other storages and on
+    an Optuna not verified with the private storage API: then Optuna's public path is taken."""
+    if not storage_internals_verified():
+        return None
     storage = study._storage
     backend = getattr(storage, "_backend", storage)
     return backend if isinstance(backend, RDBStorage) else None
