@@ -298,7 +298,7 @@ def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
     results_pod = results_job["spec"]["template"]["spec"]
     (container,) = results_pod["containers"]
     mounts = local_mounts("driver", results_pod, root, config_maps)
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # not POD_NAME
     argv = [mount_rewriter(mounts)(a) for a in container["args"]]
     printed = subprocess.run(
         argv, capture_output=True, text=True, timeout=120,
@@ -306,7 +306,7 @@ def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
     )
     assert printed.returncode == 0, printed.stderr
     lines = printed.stdout.strip().splitlines()
-    assert lines[0].startswith("number,") and len(lines) == 1 + 8, printed.stdout
+    assert lines[0].startswith("best,number,") and len(lines) == 1 + 8, printed.stdout
 
 
 def test_helm_upgrade_mid_run_loses_and_duplicates_nothing(tmp_path):
