@@ -99,7 +99,7 @@ def _run_load(tmp: Path) -> None:
                 if len(samples) % 5 == 0:
                     tasks_seen.append(len(_scheduler_simcal_tasks(client)))
             time.sleep(1.0)
-        assert driver.says("metrics on"), driver.output()[-4000:]
+        assert driver.says("metrics and live report on"), driver.output()[-4000:]
         time.sleep(1.0)  # the summary is written: the run is over, /metrics lingers
         told, rss_end = _told(metrics_url), process.memory_info().rss
         elapsed = time.monotonic() - started
