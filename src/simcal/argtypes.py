@@ -24,6 +24,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--study`` and ``--storage``: which study, of every study subcommand."""
+    from pathlib import Path
+
+    parser.add_argument("--config", type=Path, help="calibration YAML (default: the SEIR demo)")
+    parser.add_argument("--study", help="study name (overrides the config)")
+    parser.add_argument(
+        "--storage",
+        help="SQLAlchemy URL of the Optuna storage (default: $SIMCAL_STORAGE, then the config)",
+    )
+
+
 class DefaultsHelpFormatter(argparse.HelpFormatter):
     """``--help`` shows each option's default, unless it has none or its help names it."""
 

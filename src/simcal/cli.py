@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
-from simcal.argtypes import Parser
+from simcal.argtypes import Parser, add_study_arguments
 from simcal.argtypes import number as _number
 from simcal.argtypes import positive_int as _positive_int
 from simcal.bench.cli import add_bench_parser
@@ -69,18 +69,9 @@ def _memory_limit(text: str) -> str:
     return text
 
 
-def _add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="calibration YAML (default: the SEIR demo)")
-    parser.add_argument("--study", help="study name (overrides the config)")
-    parser.add_argument(
-        "--storage",
-        help="SQLAlchemy URL of the Optuna storage (default: $SIMCAL_STORAGE, then the config)",
-    )
-
-
 def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser("run", help="run a calibration")
-    _add_study_arguments(run)
+    add_study_arguments(run)
     run.add_argument(
         "--scheduler",
         help="Dask scheduler address (default: $DASK_SCHEDULER_ADDRESS, else a local cluster)",
@@ -139,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(commands)
 
     results = commands.add_parser("results", help="print every stored trial")
-    _add_study_arguments(results)
+    add_study_arguments(results)
     results.add_argument("--format", choices=("csv", "json"), default="csv", help="output")
     results.add_argument(
         "--sort", choices=("number", "loss"), default="number", help="row order (loss: best first)"

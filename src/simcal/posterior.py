@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from simcal.argtypes import add_study_arguments
 from simcal.config import LIKELIHOODS, CalibrationConfig, ParameterSpec
 
 log = logging.getLogger(__name__)
@@ -177,12 +178,7 @@ def add_posterior_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "posterior", help="approximate posterior from the stored trials (docs/posterior.md)"
     )
-    parser.add_argument("--config", type=Path, help="calibration YAML (default: the SEIR demo)")
-    parser.add_argument("--study", help="study name (overrides the config)")
-    parser.add_argument(
-        "--storage",
-        help="SQLAlchemy URL of the Optuna storage (default: $SIMCAL_STORAGE, then the config)",
-    )
+    add_study_arguments(parser)
     parser.add_argument("--method", choices=METHODS, default="auto")
     parser.add_argument(
         "--quantile", type=_fraction, default=0.1, help="ABC: share of trials kept (0-1)"

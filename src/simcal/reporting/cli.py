@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from simcal.argtypes import add_study_arguments, positive_int
 from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
 
 log = logging.getLogger(__name__)
@@ -17,14 +18,6 @@ DEFAULT_OUT = Path("simcal-report")
 DEFAULT_TOP = 5
 
 
-def _top(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_report_parser(commands: argparse._SubParsersAction) -> None:
@@ -32,17 +25,15 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
         "report", help="write an HTML report of a study: fit, loss, parameters, throughput"
     )
-    report.add_argument("--config", type=Path, help="calibration YAML (default: the SEIR demo)")
-    report.add_argument("--study", help="study name (overrides the config)")
-    report.add_argument(
-        "--storage",
-        help="SQLAlchemy URL of the Optuna storage (default: $SIMCAL_STORAGE, then the config)",
-    )
+    add_study_arguments(report)
     report.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT}/)"
     )
     report.add_argument(
-        "--top", type=_top, default=DEFAULT_TOP, help=f"best trials shown (default {DEFAULT_TOP})"
+        "--top",
+        type=positive_int,
+        default=DEFAULT_TOP,
+        help=f"best trials shown (default {DEFAULT_TOP})",
     )
     report.set_defaults(handler=cmd_report)
 
