@@ -473,14 +473,17 @@ def test_an_invalid_storage_url_is_shown_with_a_correct_example(
     _no_traceback(result.stderr)
 
 
-def test_unknown_database_driver_names_what_to_install(tmp_path: Path) -> None:
+def test_an_unsupported_database_is_named_with_what_to_write(tmp_path: Path) -> None:
+    """simcal supports SQLite and PostgreSQL (issue 10); any other backend is refused before
+    a driver import can fail with SQLAlchemy's message, and the password stays hidden."""
     config = write_config(tmp_path)
     result = run_simcal(
         "run", "--config", str(config), "--storage", f"mysql://u:{PASSWORD}@localhost/db",
         "--metrics-port", "0", timeout=120,
     )
     assert result.returncode == 2, result.stderr
-    assert "no database driver for 'mysql'" in result.stderr, result.stderr
+    assert "storage backend 'mysql' is not supported" in result.stderr, result.stderr
+    assert "sqlite:///PATH or postgresql://" in result.stderr, result.stderr
     assert "import DB access module" not in result.stderr and PASSWORD not in result.stderr
 
 

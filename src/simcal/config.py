@@ -161,6 +161,8 @@ def check_storage_backend(url: str) -> str:
         backend = make_url(url).get_backend_name()
     except Exception:
         return url
+    if backend == "postgres":  # libpq's spelling: simcal.storage connects it as postgresql
+        return url
     if backend not in SUPPORTED_BACKENDS:
         raise ValueError(
             f"storage backend {backend!r} is not supported: use sqlite:///PATH or "

@@ -36,6 +36,9 @@ from simcal.trials import (
     DURATION,
     ERROR,
     FAIL_REASON,
+    INTERRUPTED,
+    RETRY_OF,
+    SURPLUS,
     DriverLease,
     Tally,
     driver_host,
@@ -311,9 +314,18 @@ class Calibration:
             if self._stop_requested.is_set():  # a signal arrived mid-fill: ask no more
                 break
             counts = self._count()
-            if counts.committed >= self.config.max_trials and not counts.waiting:
+            full = counts.committed >= self.config.max_trials
+            if full and not counts.waiting:
                 break  # asks pop enqueued retries first: those do not add to the total
-            runs.append(self._submit(self._ask()))
+            trial = self._ask()
+            if full and RETRY_OF not in trial.user_attrs:
+                # Only a waiting retry may run now, and another driver popped it first: this
+                # ask made a new trial over the budget. It never runs and is not counted.
+                with self._storage("tell"):
+                    tell(self.study, trial, state=TrialState.FAIL, what="tell surplus trial",
+                         attrs={FAIL_REASON: INTERRUPTED, SURPLUS: True})
+                break
+            runs.append(self._submit(trial))
         self.metrics.set_inflight(len(self._inflight))
         return runs
 

@@ -42,6 +42,9 @@ T = TypeVar("T")
 # Stored-trial user attributes (names are a contract: `simcal results`, tests, dashboards).
 FAIL_REASON = "fail_reason"
 INTERRUPTED = "interrupted"
+# an interrupted trial that never ran: asked over the budget when another driver popped the
+# waiting retry it was meant to run (not counted, nothing to retry)
+SURPLUS = "surplus"
 RETRY_OF = "retry_of"
 RUN_ID = "run_id"  # the driver run that asked the trial
 HOST = "host"  # that driver's $POD_NAME on Kubernetes, else its hostname

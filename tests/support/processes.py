@@ -270,6 +270,9 @@ def assert_no_loss(trials: list, max_trials: int) -> None:
     retries = {t.user_attrs.get("retry_of"): t for t in trials if "retry_of" in t.user_attrs}
     names = set().union(*(t.params.keys() for t in counted))
     for trial in interrupted:
+        if trial.user_attrs.get("surplus"):  # asked over the budget, never ran (simcal.trials)
+            assert trial.number not in retries, f"surplus trial {trial.number} was retried"
+            continue
         ran = _ran_with(trial, names)
         if not ran:
             assert trial.number not in retries, f"trial {trial.number} never ran, yet was retried"
