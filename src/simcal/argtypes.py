@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simcal.config import CalibrationConfig
 
 
 def number(text: str, kind: type[int] | type[float]) -> Any:
@@ -34,6 +37,20 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         "--storage",
         help="SQLAlchemy URL of the Optuna storage (default: $SIMCAL_STORAGE, then the config)",
     )
+
+
+def resolve_study_config(args: argparse.Namespace, **overrides: Any) -> CalibrationConfig:
+    """The config those arguments name (the SEIR demo without ``--config``), with ``--study``
+    and ``--storage`` (else ``$SIMCAL_STORAGE``) and ``overrides`` applied."""
+    import os
+
+    from simcal.config import demo_config, load_config
+
+    overrides["study"] = args.study
+    overrides["storage"] = args.storage or os.environ.get("SIMCAL_STORAGE")
+    if args.config is None:
+        return demo_config(overrides)
+    return load_config(args.config, overrides)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

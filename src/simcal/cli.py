@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from simcal import __version__
-from simcal.argtypes import Parser, add_study_arguments
+from simcal.argtypes import Parser, add_study_arguments, resolve_study_config
 from simcal.argtypes import number as _number
 from simcal.argtypes import positive_int as _positive_int
 from simcal.bench.cli import add_bench_parser
-from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.config import CalibrationConfig, ConfigError, load_config
 from simcal.exits import (
     EXIT_FAILURE,
     EXIT_NO_TRIAL,
@@ -148,14 +148,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_config(args: argparse.Namespace, **overrides: Any) -> CalibrationConfig:
-    overrides["study"] = args.study
-    overrides["storage"] = args.storage or os.environ.get("SIMCAL_STORAGE")
-    if args.config is None:
-        return demo_config(overrides)
-    return load_config(args.config, overrides)
-
-
 def _security(args: argparse.Namespace) -> object | None:
     from simcal.cluster import security_from_files
 
@@ -187,7 +179,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.service import SimulationService
     from simcal.storage import open_study
 
-    config = _resolve_config(
+    config = resolve_study_config(
         args,
         max_trials=args.max_trials,
         mode=args.mode,
@@ -311,7 +303,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from simcal.report import format_rows, trial_rows
     from simcal.reporting.studies import load_existing_study
 
-    config = _resolve_config(args)
+    config = resolve_study_config(args)
     study = load_existing_study(config.storage, config.study)  # never creates a storage
     rows = trial_rows(study.get_trials(deepcopy=False), config, sort=args.sort)
     sys.stdout.write(format_rows(rows, args.format))

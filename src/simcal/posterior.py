@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simcal.argtypes import add_study_arguments
+from simcal.argtypes import add_study_arguments, resolve_study_config
 from simcal.config import LIKELIHOODS, CalibrationConfig, ParameterSpec
 
 log = logging.getLogger(__name__)
@@ -201,11 +200,10 @@ def cmd_posterior(args: argparse.Namespace) -> int:
     """``simcal posterior``: print (and write) the approximate posterior as JSON."""
     import optuna
 
-    from simcal.config import ConfigError, demo_config, load_config
+    from simcal.config import ConfigError
     from simcal.storage import StorageError, redact
 
-    overrides = {"study": args.study, "storage": args.storage or os.environ.get("SIMCAL_STORAGE")}
-    config = load_config(args.config, overrides) if args.config else demo_config(overrides)
+    config = resolve_study_config(args)
     if args.out and not args.out.parent.is_dir():
         raise ConfigError(f"--out {str(args.out)!r}: directory does not exist")
     try:

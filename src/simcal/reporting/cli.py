@@ -9,8 +9,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from simcal.argtypes import add_study_arguments, positive_int
-from simcal.config import CalibrationConfig, ConfigError, demo_config, load_config
+from simcal.argtypes import add_study_arguments, positive_int, resolve_study_config
+from simcal.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def add_report_parser(commands: argparse._SubParsersAction) -> None:
     studies.set_defaults(handler=cmd_studies)
 
 
-def resolve_config(
-    path: Path | None, study: str | None, storage: str | None
-) -> CalibrationConfig:
-    """The config with ``--study``/``--storage`` (else ``$SIMCAL_STORAGE``) applied."""
-    overrides = {"study": study, "storage": storage or os.environ.get("SIMCAL_STORAGE")}
-    return demo_config(overrides) if path is None else load_config(path, overrides)
-
-
 def check_writable(out: Path) -> None:
     """``out`` exists or can be made, and a file can be written in it (else ConfigError)."""
     try:
@@ -71,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from simcal.reporting.page import write_report
     from simcal.reporting.studies import load_existing_study
 
-    config = resolve_config(args.config, args.study, args.storage)
+    config = resolve_study_config(args)
     study = load_existing_study(config.storage, config.study)
     check_writable(args.out)
     path = write_report(study, config, args.out, top=args.top, storage_url=config.storage)
