@@ -274,23 +274,23 @@ class Calibration:
             return auto_in_flight(self._threads, self.config.replicates)
         return int(self.config.max_in_flight)
 
+    @staticmethod
     @contextlib.contextmanager
-    def _waiting(self) -> Iterator[None]:
-        """Time the loop spends waiting for results (simcal_driver_busy_ratio)."""
+    def _timed(record: Callable[[float], None]) -> Iterator[None]:
+        """Pass the block's wall seconds to ``record``."""
         started = time.perf_counter()
         try:
             yield
         finally:
-            self.metrics.driver_waited(time.perf_counter() - started)
+            record(time.perf_counter() - started)
 
-    @contextlib.contextmanager
-    def _storage(self, operation: str) -> Iterator[None]:
+    def _waiting(self) -> contextlib.AbstractContextManager[None]:
+        """Time the loop spends waiting for results (simcal_driver_busy_ratio)."""
+        return self._timed(self.metrics.driver_waited)
+
+    def _storage(self, operation: str) -> contextlib.AbstractContextManager[None]:
         """Time one storage operation (simcal_storage_seconds): ask, tell or other."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.metrics.storage_time(operation, time.perf_counter() - started)
+        return self._timed(lambda seconds: self.metrics.storage_time(operation, seconds))
 
     def _wait_for_others(self) -> None:
         """Other drivers' trials are still open: wait a poll, then look for stale ones (idle
