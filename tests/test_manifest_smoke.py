@@ -165,6 +165,24 @@ def chart() -> list[dict[str, Any]]:
     return render(VALUES, name=RELEASE, namespace=NAMESPACE)
 
 
+
+def cluster_pods(
+    cluster: dict[str, Any], replicas: int, local: Any
+) -> tuple[LocalContainer, list[LocalContainer]]:
+    """The DaskCluster's scheduler and ``replicas`` worker pods as the operator's own builders
+    make them, each turned into a local process by ``local(name, pod)``."""
+    name, spec = cluster["metadata"]["name"], cluster["spec"]
+    scheduler = local("scheduler", build_scheduler_deployment_spec(
+        name, spec["scheduler"]["spec"], {}, {}
+    )["spec"]["template"]["spec"])
+    workers = [
+        local(f"worker-{i}", build_worker_deployment_spec(
+            f"{name}-default", NAMESPACE, name, f"{i:010d}", spec["worker"]["spec"], {}, {},
+        )["spec"]["template"]["spec"])
+        for i in range(replicas)
+    ]
+    return scheduler, workers
+
 def test_chart_commands_run_a_calibration(chart, tmp_path):
     cluster = find(chart, "DaskCluster")
     cluster_name, spec = cluster["metadata"]["name"], cluster["spec"]
@@ -176,16 +194,7 @@ def test_chart_commands_run_a_calibration(chart, tmp_path):
     def local(name: str, pod: dict[str, Any]) -> LocalContainer:
         return localize(name, pod, tmp_path / "mounts", port, config_maps)
 
-    scheduler = local("scheduler", build_scheduler_deployment_spec(
-        cluster_name, spec["scheduler"]["spec"], {}, {}
-    )["spec"]["template"]["spec"])
-    workers = [
-        local(f"worker-{i}", build_worker_deployment_spec(
-            f"{cluster_name}-default", NAMESPACE, cluster_name, f"{i:010d}",
-            spec["worker"]["spec"], {}, {},
-        )["spec"]["template"]["spec"])
-        for i in range(replicas)
-    ]
+    scheduler, workers = cluster_pods(cluster, replicas, local)
     driver = local("driver", find(chart, "Job")["spec"]["template"]["spec"])
     assert driver.argv[driver.argv.index("--scheduler") + 1] == f"tcp://127.0.0.1:{port}"
     worker_name = workers[0].argv[workers[0].argv.index("--name") + 1]
@@ -256,7 +265,6 @@ def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
     chart = render({**USER_RELEASE, "driver": {**USER_RELEASE["driver"], "enabled": False}},
                    name=RELEASE, namespace=NAMESPACE)
     cluster = find(chart, "DaskCluster")
-    cluster_name, spec = cluster["metadata"]["name"], cluster["spec"]
     config_maps = {c["metadata"]["name"]: c["data"] for c in [*chart, config_map]
                    if c["kind"] == "ConfigMap"}
     port = free_port()
@@ -265,16 +273,7 @@ def test_submitted_job_runs_a_users_own_model_and_results_come_out(tmp_path):
     def local(name: str, pod: dict[str, Any]) -> LocalContainer:
         return localize(name, pod, root, port, config_maps)
 
-    scheduler = local("scheduler", build_scheduler_deployment_spec(
-        cluster_name, spec["scheduler"]["spec"], {}, {}
-    )["spec"]["template"]["spec"])
-    workers = [
-        local(f"worker-{i}", build_worker_deployment_spec(
-            f"{cluster_name}-default", NAMESPACE, cluster_name, f"{i:010d}",
-            spec["worker"]["spec"], {}, {},
-        )["spec"]["template"]["spec"])
-        for i in range(2)
-    ]
+    scheduler, workers = cluster_pods(cluster, 2, local)
     pod = job["spec"]["template"]["spec"]
     driver = local("driver", pod)
     assert driver.argv[driver.argv.index("--min-workers") + 1] == "2"  # the release's count
