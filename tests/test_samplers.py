@@ -83,14 +83,14 @@ def test_an_unverified_optuna_falls_back_to_its_own_tpe(
     unverified: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An Optuna release not verified, or lacking a private member used: stock TPESampler."""
-    import simcal.samplers
+    import simcal.optuna_internals
 
-    monkeypatch.setattr(simcal.samplers, "_warned", [])
+    monkeypatch.setattr(simcal.optuna_internals, "_warned", [])
     if unverified == "version":
-        monkeypatch.setattr(simcal.samplers, "VERIFIED_OPTUNA", ("4.9",))
+        monkeypatch.setattr(simcal.optuna_internals, "VERIFIED_OPTUNA", ("4.9",))
     else:
         monkeypatch.delattr(TPESampler, "_compute_acquisition_func")
-    with caplog.at_level("WARNING", logger="simcal.samplers"):
+    with caplog.at_level("WARNING", logger="simcal.optuna_internals"):
         samplers = [make_sampler("tpe", 0), make_sampler("tpe", 1)]
     assert [type(s) for s in samplers] == [TPESampler, TPESampler]
     assert len(caplog.records) == 1, caplog.text  # one line, not one per sampler

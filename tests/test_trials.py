@@ -16,15 +16,22 @@ from simcal.samplers import make_sampler
 from simcal.storage import open_study
 from simcal.trials import (
     FAIL_REASON,
+    HOST,
     INTERRUPTED,
     RETRY_OF,
+    RUN_ID,
     DriverLease,
+    Told,
+    ask,
+    driver_view,
+    read_fresh,
     recover_stale,
+    requeue,
     set_owner,
     stale_trials,
     tally,
     tell,
-    throttled_reads,
+    tell_many,
 )
 
 SPACE = {"x": FloatDistribution(0.0, 1.0)}
@@ -92,7 +99,10 @@ def test_tell_writes_attributes_and_state_together(study: optuna.Study) -> None:
     stored = study.get_trials()[0]
     assert stored.state == TrialState.COMPLETE and stored.value == 0.5
     assert stored.user_attrs == {
-        "run_id": "me", "host": "host-me", "loss_y": 0.5, "duration_seconds": 1.0,
+        "run_id": "me",
+        "host": "host-me",
+        "loss_y": 0.5,
+        "duration_seconds": 1.0,
     }
     failed = _asked(study, "me")
     assert tell(study, failed, state=TrialState.FAIL, attrs={FAIL_REASON: "timeout"})
@@ -113,14 +123,53 @@ def test_tally_counts_the_budget_across_drivers(study: optuna.Study) -> None:
     del running, claimed
 
 
-def test_throttled_reads_serve_the_cached_view_then_read_fresh(study: optuna.Study) -> None:
+def test_the_driver_view_reads_others_late_and_its_own_trials_at_once(study: optuna.Study) -> None:
+    """Inside driver_view, other drivers' trials are read at most every ``seconds``; the
+    driver's own asks and tells are in its view at once (written through, never read back),
+    and the database holds each ask's parameters and owner."""
     _asked(study, "a")
     other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
-    with throttled_reads(study, seconds=3600):
+    with driver_view(study, seconds=3600):
         assert len(study.get_trials()) == 1
         _asked(other, "b")  # another driver's trial
         assert len(study.get_trials()) == 1  # not read yet
-    assert len(study.get_trials()) == 2  # fresh after the block
+        mine = ask(study, SPACE, "me", "host-me", waiting=False)
+        view = {t.number: t for t in study.get_trials()}
+        assert view[mine.number].params == mine.params and "x" in mine.params
+        assert view[mine.number].user_attrs == {RUN_ID: "me", HOST: "host-me"}
+        assert tell(study, mine, 0.5, attrs={"loss_y": 0.5})
+        told = {t.number: t for t in study.get_trials()}[mine.number]
+        assert (told.state, told.value, told.user_attrs["loss_y"]) == (
+            TrialState.COMPLETE,
+            0.5,
+            0.5,
+        )
+        assert len(study.get_trials()) == 2  # still not the other driver's
+        read_fresh(study)
+        assert len(study.get_trials()) == 3
+    stored = {t.number: t for t in other.get_trials()}
+    assert stored[mine.number].params == mine.params
+    assert stored[mine.number].user_attrs[RUN_ID] == "me"
+    assert stored[mine.number].state == TrialState.COMPLETE
+    assert len(study.get_trials()) == 3  # fresh after the block
+
+
+def test_the_driver_view_learns_when_another_driver_claimed_its_trial(
+    study: optuna.Study,
+) -> None:
+    other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
+    with driver_view(study, seconds=3600):
+        mine = ask(study, SPACE, "me", "host", waiting=False)
+        claimed = other.get_trials()[0]
+        assert requeue(other, claimed, SPACE)  # judged dead: failed, re-enqueued
+        assert tell(study, mine, 0.5) is False  # dropped, not crashed
+        view = {t.number: t for t in study.get_trials()}
+        assert view[mine.number].state == TrialState.FAIL
+        assert view[mine.number].user_attrs[FAIL_REASON] == INTERRUPTED
+        retry = ask(study, SPACE, "me", "host", waiting=True)  # pops the enqueued retry
+        assert retry.params == mine.params and retry.user_attrs[RETRY_OF] == mine.number
+        assert tell(study, retry, 0.25)
+    assert tally(study) == tally(study).__class__(counted=1, running=0, waiting=0)
 
 
 @pytest.mark.parametrize("url", ["mysql://u:pw-Zq81@db/simcal", "oracle://scott:tiger@db"])
@@ -146,18 +195,52 @@ def test_an_unverified_optuna_takes_the_public_storage_path(
 ) -> None:
     """On an Optuna release the private storage API was not verified against, tells, tallies
     and pruned tells go through Optuna's public path, with the same results."""
+    import simcal.optuna_internals as internals
     import simcal.trials as trials
 
     assert trials.storage_internals_verified()
     assert not trials.storage_internals_verified("99.0.0")
     monkeypatch.setattr(optuna, "__version__", "99.0.0")
-    assert trials._rdb(study) is None  # the fast RDB paths are off
+    assert internals.rdb(study) is None  # the fast RDB paths are off
+    with driver_view(study) as view:
+        assert view is None  # Optuna's own cached storage
+        asked = ask(study, SPACE, "me", "host")
+        assert asked.user_attrs == {RUN_ID: "me", HOST: "host"}
+        assert tell(study, asked, 0.5)
     trial = _asked(study, "me")
     assert tell(study, trial, 0.25, attrs={"loss_y": 0.25}) is True
     pruned = _asked(study, "me")
     pruned.report(0.75, 1)
     assert tell(study, pruned, state=TrialState.PRUNED, attrs={"pruned_at_replicates": 1})
     stored = study.get_trials()
-    assert [t.state for t in stored] == [TrialState.COMPLETE, TrialState.PRUNED]
-    assert stored[0].user_attrs["loss_y"] == 0.25 and stored[1].value == 0.75
-    assert tally(study).counted == 2
+    assert [t.state for t in stored] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED]
+    assert stored[1].user_attrs["loss_y"] == 0.25 and stored[2].value == 0.75
+    assert tally(study).counted == 3
+
+
+def test_tell_many_is_one_group_commit_that_skips_a_claimed_trial(study: optuna.Study) -> None:
+    """A batch of results is told in one transaction; a trial another driver claimed meanwhile
+    is left as it is stored (False), the others are told; a NaN loss is told failed."""
+    other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
+    with driver_view(study, seconds=3600):
+        first, claimed, third = (ask(study, SPACE, "me", "h", waiting=False) for _ in range(3))
+        stored = {t.number: t for t in other.get_trials()}
+        assert requeue(other, stored[claimed.number], SPACE)
+        told = tell_many(
+            study,
+            [
+                Told(first, 0.5, attrs={"loss_y": 0.5}),
+                Told(claimed, 0.1),
+                Told(third, float("nan")),
+            ],
+        )
+        assert told == [True, False, True]
+        view = {t.number: t for t in study.get_trials()}
+    final = {t.number: t for t in other.get_trials()}
+    for trials in (view, final):
+        assert trials[first.number].state == TrialState.COMPLETE
+        assert trials[first.number].user_attrs["loss_y"] == 0.5
+        assert trials[claimed.number].state == TrialState.FAIL
+        assert trials[claimed.number].user_attrs[FAIL_REASON] == INTERRUPTED
+        assert trials[third.number].state == TrialState.FAIL
+    assert tally(study) == tally(study).__class__(counted=2, running=0, waiting=1)

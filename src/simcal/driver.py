@@ -41,14 +41,16 @@ from simcal.trials import (
     SURPLUS,
     DriverLease,
     Tally,
+    Told,
+    ask,
     driver_host,
+    driver_view,
     read_fresh,
     recover_stale,
     requeue,
-    set_owner,
     tally,
     tell,
-    throttled_reads,
+    tell_many,
     with_retries,
 )
 
@@ -158,6 +160,8 @@ class Calibration:
         self._last_refresh = -math.inf
         self._disconnected_since: float | None = None
         self._best_losses: list[float] = []  # the best STORED_FITS losses, ascending
+        # results recorded but not yet told, with what to do once told (or not: taken over)
+        self._to_tell: list[tuple[Told, Callable[[], None]]] = []
 
     # -- public -------------------------------------------------------------------------------
 
@@ -176,7 +180,7 @@ class Calibration:
         lease = DriverLease(self.study, self.service.run_id, interval=self.config.lease_interval)
         lease.start()
         try:
-            with throttled_reads(self.study):
+            with driver_view(self.study):
                 return self._run(started)
         finally:
             lease.release()
@@ -229,6 +233,7 @@ class Calibration:
             for future, outcome in batch:
                 self._record(future.key, outcome)
             self._expire_timed_out()
+            self._tell_recorded()
             if self._grace_over():
                 return
             self._report()
@@ -249,6 +254,7 @@ class Calibration:
                 outcomes = self._gather(futures, self.config.trial_timeout)
             for key, outcome in zip(keys, outcomes, strict=True):
                 self._record(key, outcome)
+            self._tell_recorded()
             self._report()
 
     # -- asking ------------------------------------------------------------------------------
@@ -317,7 +323,7 @@ class Calibration:
             full = counts.committed >= self.config.max_trials
             if full and not counts.waiting:
                 break  # asks pop enqueued retries first: those do not add to the total
-            trial = self._ask()
+            trial = self._ask(waiting=counts.waiting > 0)
             if full and RETRY_OF not in trial.user_attrs:
                 # Only a waiting retry may run now, and another driver popped it first: this
                 # ask made a new trial over the budget. It never runs and is not counted.
@@ -351,14 +357,16 @@ class Calibration:
             self._stats.recovered += len(recovered)
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
 
-    def _ask(self) -> optuna.Trial:
-        """Ask a trial and record this driver as its owner. An ask that fails after creating
-        its trial leaves it without an owner: any driver recovers it once ``lease_grace`` has
-        passed."""
+    def _ask(self, *, waiting: bool) -> optuna.Trial:
+        """Ask a trial recording this driver as its owner (``waiting``: the tally saw an
+        enqueued retry to pop). An ask that fails after creating its trial leaves it without
+        an owner: any driver recovers it once ``lease_grace`` has passed."""
+        run_id, host = self.service.run_id, self._host
         with self._storage("ask"):
-            trial = with_retries(lambda: self.study.ask(self._distributions), what="ask")
-            with_retries(lambda: set_owner(trial, self.service.run_id, self._host), what="ask")
-        return trial
+            return with_retries(
+                lambda: ask(self.study, self._distributions, run_id, host, waiting=waiting),
+                what="ask",
+            )
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         pruning = self.config.pruning
@@ -437,14 +445,11 @@ class Calibration:
         attrs["task_seconds"] = round(
             losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses), 4
         )
-        with self._storage("tell"):
-            told = tell(self.study, run.trial, state=TrialState.PRUNED, attrs=attrs, what="tell")
-        if not told:
-            self._stats.taken_over += 1
-            return
-        self._counted += 1
-        self._stats.pruned += 1
-        self.metrics.trial_pruned(seconds)
+        def told() -> None:
+            self._stats.pruned += 1
+            self.metrics.trial_pruned(seconds)
+
+        self._tell(Told(run.trial, state=TrialState.PRUNED, attrs=attrs), told)
 
     # -- telling ------------------------------------------------------------------------------
 
@@ -492,32 +497,45 @@ class Calibration:
         improved = total < self._best
         if self._among_best(total):  # what the report's fit figure shows (docs/architecture.md)
             attrs.update({f"{FIT_ATTR_PREFIX}{i.target}": i.summary for i in losses if i.summary})
-        with self._storage("tell"):
-            told = tell(self.study, run.trial, total, attrs=attrs, what="tell")
-        if not told:
-            self._stats.taken_over += 1
-            return
-        self._counted += 1
-        self._stats.completed += 1
-        if improved:
-            self.metrics.set_best_loss(total)
-        self.metrics.trial_completed(total, seconds)
+        def told() -> None:
+            self._stats.completed += 1
+            if improved:
+                self.metrics.set_best_loss(total)
+            self.metrics.trial_completed(total, seconds)
+
+        self._tell(Told(run.trial, total, attrs=attrs), told)
 
     def _fail(self, run: TrialRun, error: BaseException) -> None:
         seconds = self._release(run)
         self.service.cancel(run.futures)
         reason = classify(error)
         attrs = {FAIL_REASON: reason.value, ERROR: full_text(error), DURATION: round(seconds, 4)}
-        with self._storage("tell"):
-            told = tell(self.study, run.trial, state=TrialState.FAIL, attrs=attrs, what="tell")
-        if not told:
-            self._stats.taken_over += 1
+        def told() -> None:
+            self._stats.failed += 1
+            self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
+            self.metrics.trial_failed(reason, seconds)
+            log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+
+        self._tell(Told(run.trial, state=TrialState.FAIL, attrs=attrs), told)
+
+    def _tell(self, result: Told, then: Callable[[], None]) -> None:
+        """Queue a finished trial's tell; :meth:`_tell_recorded` tells the batch at once."""
+        self._to_tell.append((result, then))
+
+    def _tell_recorded(self) -> None:
+        """Tell every queued result in one transaction (a group commit per batch of results);
+        then count each one told, and drop each one another driver had taken over."""
+        queued, self._to_tell = self._to_tell, []
+        if not queued:
             return
-        self._counted += 1
-        self._stats.failed += 1
-        self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
-        self.metrics.trial_failed(reason, seconds)
-        log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+        with self._storage("tell"):
+            told = tell_many(self.study, [result for result, _ in queued])
+        for ok, (_, then) in zip(told, queued, strict=True):
+            if ok:
+                self._counted += 1
+                then()
+            else:
+                self._stats.taken_over += 1
 
     def _expire_timed_out(self) -> None:
         now = self._clock()
@@ -532,7 +550,13 @@ class Calibration:
             self.service.restart_stuck_workers([f for run in expired for f in run.replicates])
 
     def _interrupt_all(self) -> None:
-        """Tell every trial still in flight as interrupted and enqueue its parameters again."""
+        """Tell what has finished, then every trial still in flight as interrupted and enqueue
+        its parameters again."""
+        queued = len(self._to_tell)
+        try:
+            self._tell_recorded()
+        except Exception as exc:  # their trials stay RUNNING: re-run once our lease is gone
+            log.error("could not tell %d finished trial(s): %s", queued, exc)
         runs = list(self._inflight.values())
         for run in runs:
             self._release(run)

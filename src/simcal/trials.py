@@ -10,8 +10,9 @@ claimant can do) and enqueues its parameters again. A driver never claims the tr
 live lease, and a driver that finds its own trial already told ("someone else told it")
 drops its result instead of crashing.
 
-Telling writes the trial's user attributes and its state in one transaction. This module is
-the only one that touches Optuna's private storage internals.
+Asking writes the trial's parameters and owner in one transaction, telling its user
+attributes and state in one (on RDB storage; the private Optuna calls that takes live in
+:mod:`simcal.optuna_internals`).
 """
 
 from __future__ import annotations
@@ -24,16 +25,15 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from simcal import optuna_internals as internals
 from simcal.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -119,31 +119,59 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-# -- telling ----------------------------------------------------------------------------------
+# -- asking and telling --------------------------------------------------------------------------
 
 
 def storage_internals_verified(version: str | None = None) -> bool:
-    """Whether the RDB fast paths here (one-transaction tells, COUNT tallies, throttled reads:
-    Optuna's private storage API) may run on this Optuna (``samplers.VERIFIED_OPTUNA``)."""
-    from simcal.samplers import VERIFIED_OPTUNA
-
-    version = version or optuna.__version__
-    return ".".join(version.split(".")[:2]) in VERIFIED_OPTUNA
+    """Whether the RDB fast paths (one-transaction asks and tells, COUNT tallies, the driver's
+    own cache: :mod:`simcal.optuna_internals`) may run on this Optuna."""
+    return internals.storage_verified(version)
 
 
-def _rdb(study: optuna.Study) -> RDBStorage | None:
-    """The study's RDB storage (Optuna wraps it in a cache), or None for other storages and on
-    an Optuna not verified with the private storage API: then Optuna's public path is taken."""
-    if not storage_internals_verified():
-        return None
-    storage = study._storage
-    backend = getattr(storage, "_backend", storage)
-    return backend if isinstance(backend, RDBStorage) else None
+def driver_view(study: optuna.Study, seconds: float = 0.5) -> contextlib.AbstractContextManager:
+    """Within the block, the study is seen as a driver sees it: its own trials written
+    through, other drivers' changes read at most every ``seconds`` (RDB storage). Counting
+    the budget (:func:`tally`), telling and claiming read the database directly."""
+    return internals.driver_storage(study, seconds)
 
 
-def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
-    """The storage's id of a trial (what Optuna's storage API takes)."""
-    return trial._trial_id
+def read_fresh(study: optuna.Study) -> None:
+    """Bring the driver's view up to date now, inside :func:`driver_view` too: for decisions
+    that compare this trial with every other (the pruner's rungs)."""
+    internals.read_fresh(study)
+
+
+def ask(
+    study: optuna.Study,
+    distributions: Mapping[str, Any],
+    run_id: str,
+    host: str,
+    *,
+    waiting: bool = True,
+) -> optuna.Trial:
+    """Ask a trial recording which driver runs it (:data:`RUN_ID`, :data:`HOST`): parameters
+    and owner in one transaction inside :func:`driver_view`. ``waiting=False``: the tally
+    found no enqueued trial to pop, so none is looked for."""
+    return internals.ask(study, distributions, {RUN_ID: run_id, HOST: host}, waiting=waiting)
+
+
+def set_owner(trial: optuna.Trial, run_id: str, host: str) -> None:
+    """Record which driver runs a trial asked with ``study.ask`` (tests; the driver uses
+    :func:`ask`)."""
+    trial.set_user_attr(RUN_ID, run_id)
+    trial.set_user_attr(HOST, host)
+
+
+def _final(
+    trial: optuna.Trial | FrozenTrial, value: float | None, state: TrialState
+) -> tuple[list[float] | None, TrialState]:
+    """The values and state Optuna's tell would store."""
+    if state == TrialState.PRUNED and value is None:  # as Optuna's tell: the last reported value
+        value = internals.last_reported(trial)
+    values = None if value is None else [value]
+    if values is not None and not all(math.isfinite(v) for v in values):
+        return None, TrialState.FAIL  # Optuna tells a NaN loss as failed, too
+    return values, state
 
 
 def _tell_once(
@@ -155,39 +183,20 @@ def _tell_once(
 ) -> None:
     """Write ``attrs`` and the final state (and value) in one transaction (RDB storage), or
     through Optuna's API otherwise. Raises ``UpdateFinishedTrialError`` if already finished."""
-    rdb = _rdb(study)
-    if rdb is None:
+    if internals.rdb(study) is None:
         for key, item in attrs.items():
-            study._storage.set_trial_user_attr(trial_id(trial), key, item)
+            internals.set_trial_user_attr(study, internals.trial_id(trial), key, item)
         study.tell(trial.number, value, state=None if state == TrialState.COMPLETE else state)
         return
-    if state == TrialState.PRUNED and value is None:  # as Optuna's tell: the last reported value
-        frozen = getattr(trial, "_cached_frozen_trial", trial)
-        if frozen.last_step is not None:
-            value = frozen.intermediate_values[frozen.last_step]
-    values = None if value is None else [value]
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    if values is not None and not all(math.isfinite(v) for v in values):
-        state, values = TrialState.FAIL, None  # Optuna tells a NaN loss as failed, too
-    frozen = getattr(trial, "_cached_frozen_trial", trial)  # as Optuna's tell: before the write
-    study.sampler.after_trial(study, frozen, state, values)
-    with _create_scoped_session(rdb.scoped_session) as session:
-        model = models.TrialModel.find_or_raise_by_id(trial_id(trial), session, for_update=True)
-        rdb.check_trial_is_updatable(trial_id(trial), model.state)
-        _upsert_user_attrs(rdb, session, trial_id(trial), attrs)
-        for objective, item in enumerate(values or []):
-            rdb._set_trial_value_without_commit(session, model, objective, item)
-        model.state = state
-        model.datetime_complete = datetime.now()
+    values, state = _final(trial, value, state)
+    internals.write_final(study, trial, values, state, attrs)
 
 
 def _told_by_us(
     study: optuna.Study, trial: optuna.Trial | FrozenTrial, attrs: Mapping[str, Any]
 ) -> bool:
     """After a retried tell met a finished trial: whether it holds our attributes."""
-    stored = study._storage.get_trial(trial_id(trial))
+    stored = internals.stored_trial(study, internals.trial_id(trial))
     return all(json.dumps(stored.user_attrs.get(k)) == json.dumps(v) for k, v in attrs.items())
 
 
@@ -232,88 +241,54 @@ def tell(
     return with_retries(once, what=what)
 
 
-def set_owner(trial: optuna.Trial, run_id: str, host: str) -> None:
-    """Record which driver runs the trial (two attributes, one transaction on RDB storage)."""
-    rdb = _rdb(trial.study)
-    if rdb is None:
-        trial.set_user_attr(RUN_ID, run_id)
-        trial.set_user_attr(HOST, host)
-        return
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
+@dataclass(frozen=True)
+class Told:
+    """One trial's result for :func:`tell_many`."""
 
-    with _create_scoped_session(rdb.scoped_session, True) as session:
-        model = models.TrialModel.find_or_raise_by_id(trial_id(trial), session)
-        rdb.check_trial_is_updatable(trial_id(trial), model.state)
-        _upsert_user_attrs(rdb, session, trial_id(trial), {RUN_ID: run_id, HOST: host})
+    trial: optuna.Trial | FrozenTrial
+    value: float | None = None
+    state: TrialState = TrialState.COMPLETE
+    attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _upsert_user_attrs(rdb: RDBStorage, session: Any, trial: int, attrs: Mapping[str, Any]) -> None:
-    """Insert or replace a trial's user attributes with one statement (SQLite, PostgreSQL);
-    Optuna's own path costs a SELECT and an upsert per attribute (the scale profile)."""
-    from optuna.storages._rdb import models
+def tell_many(study: optuna.Study, results: list[Told], *, what: str = "tell") -> list[bool]:
+    """Tell several trials in one transaction (a group commit), retrying transient errors;
+    as :func:`tell` for each: False when another driver told it first. Every returned True
+    is committed."""
+    if not results:
+        return []
+    if internals.rdb(study) is None:
+        return [
+            tell(study, r.trial, r.value, state=r.state, attrs=r.attrs, what=what) for r in results
+        ]
+    finals = []
+    for result in results:
+        if result.state == TrialState.COMPLETE and result.value is None:
+            raise ValueError("a completed trial needs a value")
+        values, state = _final(result.trial, result.value, result.state)
+        finals.append((result.trial, values, state, dict(result.attrs)))
+    attempts = 0
 
-    if not attrs:
-        return
-    table = models.TrialUserAttributeModel
-    if rdb.engine.name not in ("sqlite", "postgresql"):
-        for key, item in attrs.items():
-            rdb._set_trial_attr_without_commit(session, table, trial, key, item)
-        return
-    if rdb.engine.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    rows = [{"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-    statement = insert(table).values(rows)
-    session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[table.trial_id, table.key],
-            set_={"value_json": statement.excluded.value_json},
-        )
-    )
+    def once() -> list[bool]:
+        nonlocal attempts
+        attempts += 1
+        written = internals.write_finals(study, finals)
+        if attempts > 1:  # an attempt before may have committed, then lost its connection
+            written = [
+                ok or _told_by_us(study, trial, attrs)
+                for ok, (trial, _, _, attrs) in zip(written, finals, strict=True)
+            ]
+        return written
 
-
-@contextlib.contextmanager
-def throttled_reads(study: optuna.Study, seconds: float = 0.5) -> Iterator[None]:
-    """Within the block, read other drivers' changes to the study at most every ``seconds``
-    (RDB storage only); after it, every read is fresh again.
-
-    Optuna re-reads every unfinished trial (with its params and attributes: six queries) on
-    each ``get_trials``, and one ask calls it three to four times: most of an ask's cost on
-    SQLite. Between reads the study's cached view serves them. What this driver writes is in
-    that view at once except the parameters of its own newest trials (the constant liar sees
-    them up to ``seconds`` late); other drivers' trials show up within ``seconds``. Counting
-    the budget (:func:`tally`), telling and claiming read the database directly.
-    """
-    cached = study._storage
-    read = getattr(cached, "_read_trials_from_remote_storage", None)
-    if read is None or _rdb(study) is None:
-        yield
-        return
-    last: dict[int, float] = {}
-
-    def throttled(study_id: int) -> None:
-        now = time.monotonic()
-        if now - last.get(study_id, -math.inf) >= seconds:
-            read(study_id)
-            last[study_id] = time.monotonic()
-
-    cached._read_trials_from_remote_storage = throttled
-    cached._simcal_fresh_read = read
-    try:
-        yield
-    finally:
-        del cached._read_trials_from_remote_storage  # the class's method again
-        del cached._simcal_fresh_read
-
-
-def read_fresh(study: optuna.Study) -> None:
-    """Bring the study's cached view up to date now, inside :func:`throttled_reads` too: for
-    decisions that compare this trial with every other (the pruner's rungs)."""
-    read = getattr(study._storage, "_simcal_fresh_read", None)
-    if read is not None:
-        read(study._study_id)
+    written = with_retries(once, what=what)
+    for ok, result in zip(written, results, strict=True):
+        if not ok and dict(result.attrs) != {FAIL_REASON: INTERRUPTED}:
+            log.warning(
+                "trial %d was already told by another driver (it judged this one dead); "
+                "dropping this result",
+                result.trial.number,
+            )
+    return written
 
 
 # -- interrupting and re-enqueuing ---------------------------------------------------------------
@@ -374,11 +349,14 @@ class Tally:
 
 
 def tally(study: optuna.Study) -> Tally:
-    """Count the study's trials for the budget: two COUNT queries on RDB storage, so asking
-    it before every ask stays cheap; a scan of the trials on other storages."""
-    rdb = _rdb(study)
-    if rdb is not None:
-        return _rdb_tally(rdb, study._study_id)
+    """Count the study's trials for the budget: one grouped COUNT query on RDB storage, so
+    asking it before every ask stays cheap; a scan of the trials on other storages."""
+    if internals.rdb(study) is not None:
+        by_state, interrupted = internals.count_trials(study, FAIL_REASON, INTERRUPTED)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        done = sum(by_state.get(state, 0) for state in finished) - interrupted
+        running, waiting = by_state.get(TrialState.RUNNING, 0), by_state.get(TrialState.WAITING, 0)
+        return Tally(done, running, waiting)
     done = running = waiting = 0
     for trial in study.get_trials(deepcopy=False):
         if trial.state == TrialState.RUNNING:
@@ -388,34 +366,6 @@ def tally(study: optuna.Study) -> Tally:
         elif counted(trial):
             done += 1
     return Tally(done, running, waiting)
-
-
-def _rdb_tally(rdb: RDBStorage, study_id: int) -> Tally:
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    trial, attr = models.TrialModel, models.TrialUserAttributeModel
-    with _create_scoped_session(rdb.scoped_session) as session:
-        by_state = dict(
-            session.query(trial.state, sqlalchemy.func.count(trial.trial_id))
-            .filter(trial.study_id == study_id)
-            .group_by(trial.state)
-            .all()
-        )
-        interrupted = (
-            session.query(sqlalchemy.func.count(trial.trial_id))
-            .join(attr, attr.trial_id == trial.trial_id)
-            .filter(
-                trial.study_id == study_id,
-                trial.state == TrialState.FAIL,
-                attr.key == FAIL_REASON,
-                attr.value_json == json.dumps(INTERRUPTED),
-            )
-            .scalar()
-        )
-    finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    done = sum(by_state.get(state, 0) for state in finished) - interrupted
-    return Tally(done, by_state.get(TrialState.RUNNING, 0), by_state.get(TrialState.WAITING, 0))
 
 
 # -- leases: which drivers are alive ------------------------------------------------------------
@@ -447,7 +397,7 @@ class DriverLease:
 
     def renew(self, *, released: bool = False) -> None:
         value = {"renewed": self._clock(), "host": self.host, "released": released}
-        self.study._storage.set_study_system_attr(self.study._study_id, self.key, value)
+        internals.set_study_system_attr(self.study, self.key, value)
 
     def start(self) -> None:
         """Write the lease now (so nobody mistakes our first trials for orphans), then renew it."""
@@ -474,7 +424,7 @@ class DriverLease:
 
 
 def _leases(study: optuna.Study) -> dict[str, Mapping[str, Any]]:
-    attrs = study._storage.get_study_system_attrs(study._study_id)
+    attrs = internals.study_system_attrs(study)
     return {
         key.removeprefix(LEASE_PREFIX): value
         for key, value in attrs.items()
@@ -491,30 +441,58 @@ def stale_trials(
 ) -> list[FrozenTrial]:
     """RUNNING trials of other drivers whose lease is stale (older than ``grace`` seconds)
     or released. A trial with no owner yet (its driver died between ask and recording itself)
-    is stale once it started more than ``grace`` seconds ago."""
+    is stale once it started more than ``grace`` seconds ago.
+
+    On RDB storage the RUNNING trials and their owners are read from the database in one
+    light query (never from a cached view), and only the stale ones are loaded in full."""
     now = time.time() if now is None else now
+    if trials is None and internals.rdb(study) is not None:
+        owners = internals.running_owners(study, RUN_ID)
+        if not owners:
+            return []
+        leases = _leases(study)
+        return [
+            internals.stored_trial(study, tid)
+            for tid, started, owner in owners
+            if _dead(owner, started, own_run_id, leases, grace, now)
+        ]
     if trials is None:
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if not running:
         return []
     leases = _leases(study)
-    stale = []
-    for trial in running:
-        owner = trial.user_attrs.get(RUN_ID)
-        if owner == own_run_id:
-            continue
-        lease = leases.get(owner) if owner else None
-        if lease is not None:
-            dead = bool(lease.get("released")) or now - float(lease["renewed"]) > grace
-        elif owner is not None:
-            dead = True  # a driver of a version without leases
-        else:
-            started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
-            dead = now - started > grace
-        if dead:
-            stale.append(trial)
-    return stale
+    return [
+        trial
+        for trial in running
+        if _dead(
+            trial.user_attrs.get(RUN_ID),
+            trial.datetime_start.timestamp() if trial.datetime_start else 0.0,
+            own_run_id,
+            leases,
+            grace,
+            now,
+        )
+    ]
+
+
+def _dead(
+    owner: str | None,
+    started: float,
+    own_run_id: str,
+    leases: Mapping[str, Mapping[str, Any]],
+    grace: float,
+    now: float,
+) -> bool:
+    """Whether a RUNNING trial's driver is gone: the lease rule of :func:`stale_trials`."""
+    if owner == own_run_id:
+        return False
+    lease = leases.get(owner) if owner else None
+    if lease is not None:
+        return bool(lease.get("released")) or now - float(lease["renewed"]) > grace
+    if owner is not None:
+        return True  # a driver of a version without leases
+    return now - started > grace
 
 
 def recover_stale(

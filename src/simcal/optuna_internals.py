@@ -1,0 +1,744 @@
+"""Every private Optuna member simcal touches, in one module, behind one version guard.
+
+simcal relies on Optuna internals for speed in two places, and nowhere else:
+
+- **The driver's storage path** (:class:`DriverStorage`, :func:`ask`, :func:`write_final`,
+  :func:`count_trials`, :func:`running_owners`): Optuna's RDB storage API below its public
+  ``Study``/``Trial`` methods, so that an ask writes its parameters and owner in one
+  transaction, a tell its attributes and state in one, the budget is two ``COUNT``s, and the
+  driver's own trials are never re-read from the database (docs/performance.md).
+- **The sampler** (:class:`CachedTPESampler`): ``TPESampler``'s private sampling members, so
+  that an ask does not redo Python work for every stored trial.
+
+On an Optuna release outside :data:`VERIFIED_OPTUNA`, or one lacking a member used here,
+:func:`storage_verified` and :func:`cached_tpe_verified` say no and the callers
+(:mod:`simcal.trials`, :func:`simcal.samplers.make_sampler`) take Optuna's public path, with
+one log line. tests/test_trials.py and tests/test_samplers.py force that fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import optuna
+import sqlalchemy
+from optuna.distributions import BaseDistribution, check_distribution_compatibility
+from optuna.samplers import TPESampler
+from optuna.storages import RDBStorage
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+try:  # private modules: a release that moves them takes the public paths (see the guards)
+    from optuna.samplers._tpe.sampler import default_gamma
+    from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+except ImportError:  # pragma: no cover - only on an unverified Optuna
+    default_gamma = _CachedStorage = _StudyInfo = models = _create_scoped_session = None
+
+if TYPE_CHECKING:
+    from optuna.study import Study
+
+log = logging.getLogger(__name__)
+
+# Optuna releases (major.minor) verified against: tests/test_samplers.py compares
+# CachedTPESampler's suggestions with TPESampler's, tests/test_trials.py and
+# tests/test_multi_driver.py run the storage path. Add a release only after they pass on it.
+VERIFIED_OPTUNA = ("5.0",)
+# The private members CachedTPESampler relies on: of a TPESampler, of a Study.
+TPE_INTERNALS = (
+    "_sample",
+    "_constant_liar",
+    "_parzen_estimator_cls",
+    "_parzen_estimator_parameters",
+    "_rng",
+    "_n_ei_candidates",
+    "_compute_acquisition_func",
+    "_compare",
+    "_gamma",
+    "_get_params",
+)
+_RELATIVE_PARAMS_PREFIX = "tpe:relative_params"  # TPESampler's system attribute (constant liar)
+STUDY_INTERNALS = ("_is_multi_objective", "_get_trials", "_pop_waiting_trial_id")
+RDB_INTERNALS = (
+    "_get_trials",
+    "_set_trial_param_without_commit",
+    "check_trial_is_updatable",
+    "_set_trial_value_without_commit",
+    "_set_trial_attr_without_commit",
+)
+
+
+def _release(version: str | None) -> str:
+    return ".".join((version or optuna.__version__).split(".")[:2])
+
+
+# -- handles: a study's storage and ids ---------------------------------------------------------
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (what Optuna's storage API takes; numbers are per study)."""
+    return trial._trial_id
+
+
+def study_id(study: Study) -> int:
+    return study._study_id
+
+
+def study_system_attrs(study: Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def set_study_system_attr(study: Study, key: str, value: Any) -> None:
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+
+def set_trial_user_attr(study: Study, trial: int, key: str, value: Any) -> None:
+    """Set a user attribute of any unfinished trial by id, not only one this process asked."""
+    study._storage.set_trial_user_attr(trial, key, value)
+
+
+def stored_trial(study: Study, trial: int) -> FrozenTrial:
+    """A trial as the database holds it now (no cache)."""
+    storage = study._storage
+    return getattr(storage, "_backend", storage).get_trial(trial)
+
+
+# -- the RDB storage path -------------------------------------------------------------------------
+
+
+def storage_verified(version: str | None = None) -> bool:
+    """Whether the RDB paths here may run on this Optuna (:data:`VERIFIED_OPTUNA`)."""
+    if _release(version) not in VERIFIED_OPTUNA or _CachedStorage is None:
+        return False
+    return (
+        all(hasattr(RDBStorage, name) for name in RDB_INTERNALS)
+        and all(hasattr(optuna.Study, name) for name in STUDY_INTERNALS)
+        and hasattr(models.TrialModel, "_datetime_start_utc")
+    )
+
+
+def rdb(study: Study) -> RDBStorage | None:
+    """The study's RDB storage (Optuna wraps it in a cache), or None for other storages and on
+    an Optuna not verified with the private storage API: then Optuna's public path is taken."""
+    if not storage_verified():
+        return None
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
+def upsert_user_attrs(
+    backend: RDBStorage, session: Any, trial: int, attrs: Mapping[str, Any], *, system: bool = False
+) -> None:
+    """Insert or replace a trial's user (or system) attributes with one statement (SQLite,
+    PostgreSQL); Optuna's own path costs a SELECT and an upsert per attribute."""
+    if not attrs:
+        return
+    table = models.TrialSystemAttributeModel if system else models.TrialUserAttributeModel
+    if backend.engine.name not in ("sqlite", "postgresql"):
+        for key, item in attrs.items():
+            backend._set_trial_attr_without_commit(session, table, trial, key, item)
+        return
+    if backend.engine.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    rows = [{"trial_id": trial, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+    statement = insert(table).values(rows)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.trial_id, table.key],
+            set_={"value_json": statement.excluded.value_json},
+        )
+    )
+
+
+Final = tuple["optuna.Trial | FrozenTrial", "list[float] | None", TrialState, Mapping[str, Any]]
+
+
+def write_final(
+    study: Study,
+    trial: optuna.Trial | FrozenTrial,
+    values: list[float] | None,
+    state: TrialState,
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write ``attrs``, the values and the final state in one transaction (RDB storage).
+
+    Raises ``UpdateFinishedTrialError`` if the trial is already finished (another driver
+    claimed it); the driver's cache then learns the stored state."""
+    if not write_finals(study, [(trial, values, state, attrs)])[0]:
+        raise optuna.exceptions.UpdateFinishedTrialError(
+            f"Trial#{trial.number} has already finished and can not be updated."
+        )
+
+
+def write_finals(study: Study, finals: Sequence[Final]) -> list[bool]:
+    """Write several trials' attributes, values and final states in one transaction (a
+    group commit: one per batch of results); for each, False if it was already finished
+    (another driver claimed it) and so left as stored."""
+    backend = rdb(study)
+    assert backend is not None
+    for trial, values, state, _ in finals:  # as Optuna's tell: before the write
+        frozen = getattr(trial, "_cached_frozen_trial", trial)
+        study.sampler.after_trial(study, frozen, state, values)
+    written: list[datetime | None] = []
+    with _create_scoped_session(backend.scoped_session) as session:
+        for trial, values, state, attrs in finals:
+            tid = trial_id(trial)
+            model = models.TrialModel.find_or_raise_by_id(tid, session, for_update=True)
+            if model.state.is_finished():
+                written.append(None)
+                continue
+            upsert_user_attrs(backend, session, tid, attrs)
+            for objective, item in enumerate(values or []):
+                backend._set_trial_value_without_commit(session, model, objective, item)
+            model.state = state
+            model.datetime_complete = datetime.now()
+            written.append(model.datetime_complete)
+    storage = study._storage
+    if isinstance(storage, DriverStorage):
+        for (trial, values, state, attrs), completed in zip(finals, written, strict=True):
+            if completed is None:
+                storage.forget(trial_id(trial))
+            else:
+                storage.finished(trial_id(trial), state, values, attrs, completed)
+    return [completed is not None for completed in written]
+
+
+def last_reported(trial: optuna.Trial | FrozenTrial) -> float | None:
+    """A trial's last intermediate value (what Optuna's tell stores for a pruned trial)."""
+    frozen = getattr(trial, "_cached_frozen_trial", trial)
+    if frozen.last_step is None:
+        return None
+    return frozen.intermediate_values[frozen.last_step]
+
+
+def count_trials(
+    study: Study, reason_key: str, reason_value: Any
+) -> tuple[dict[TrialState, int], int]:
+    """The study's trials by state, and the failed ones whose user attribute ``reason_key``
+    is ``reason_value``: one grouped query with an outer join (RDB storage)."""
+    backend = rdb(study)
+    assert backend is not None
+    trial, attr = models.TrialModel, models.TrialUserAttributeModel
+    with _create_scoped_session(backend.scoped_session) as session:
+        rows = (
+            session.query(
+                trial.state,
+                sqlalchemy.func.count(trial.trial_id),
+                sqlalchemy.func.count(attr.trial_id),
+            )
+            .outerjoin(
+                attr,
+                sqlalchemy.and_(
+                    attr.trial_id == trial.trial_id,
+                    attr.key == reason_key,
+                    attr.value_json == json.dumps(reason_value),
+                ),
+            )
+            .filter(trial.study_id == study._study_id)
+            .group_by(trial.state)
+            .all()
+        )
+    by_state = {state: count for state, count, _ in rows}
+    matching = sum(marked for state, _, marked in rows if state == TrialState.FAIL)
+    return by_state, matching
+
+
+def running_owners(study: Study, owner_key: str) -> list[tuple[int, float, Any]]:
+    """Every RUNNING trial of the study as (trial id, start time, ``owner_key`` attribute or
+    None), straight from the database: one light query, no parameters loaded."""
+    backend = rdb(study)
+    assert backend is not None
+    trial, attr = models.TrialModel, models.TrialUserAttributeModel
+    with _create_scoped_session(backend.scoped_session) as session:
+        rows = (
+            session.query(trial.trial_id, trial._datetime_start_utc, attr.value_json)
+            .outerjoin(
+                attr, sqlalchemy.and_(attr.trial_id == trial.trial_id, attr.key == owner_key)
+            )
+            .filter(trial.study_id == study._study_id, trial.state == TrialState.RUNNING)
+            .all()
+        )
+    return [
+        (
+            tid,
+            started.replace(tzinfo=UTC).timestamp() if started else 0.0,  # naive UTC
+            None if owner is None else json.loads(owner),
+        )
+        for tid, started, owner in rows
+    ]
+
+
+# -- the driver's view of the study ---------------------------------------------------------------
+
+# on an unverified Optuna without the cache class, driver_storage yields None and never builds one
+_Base = _CachedStorage if _CachedStorage is not None else object
+
+
+class DriverStorage(_Base):  # type: ignore[misc, valid-type]
+    """Optuna's cached RDB storage, taught which trials are this driver's own.
+
+    Optuna's cache re-reads every unfinished trial (with its parameters and attributes) on
+    each read, and the sampler reads three to four times an ask: with 200 trials in flight,
+    most of the driver's time (the scale profile in docs/performance.md). Here:
+
+    - the driver's own RUNNING trials are written through: every write to one also updates
+      the cached copy, so they are never read back;
+    - other drivers' trials are read at most every ``seconds`` (new ones, and unfinished
+      ones again), or at once with :meth:`read_now`;
+    - an ask's parameters are kept until :meth:`flush` writes them with the owner's
+      attributes in one transaction;
+    - a sorted trial list is kept per state filter until the cache changes.
+
+    Writes to the database are as durable as Optuna's: each returns after its commit.
+    """
+
+    def __init__(self, backend: RDBStorage, seconds: float) -> None:
+        super().__init__(backend)
+        self.seconds = seconds
+        self._own: set[int] = set()
+        self._pending: dict[int, list[tuple[str, float, BaseDistribution]]] = {}
+        self._pending_system: dict[int, dict[str, Any]] = {}
+        self._seen: dict[int, int] = {}  # study id -> the largest trial id read
+        self._last_read: dict[int, float] = {}
+        self._version = 0
+        self._lists: dict[tuple[int, Any], tuple[int, list[FrozenTrial]]] = {}
+
+    # reads
+
+    def _read_trials_from_remote_storage(self, study_id: int) -> None:
+        if time.monotonic() - self._last_read.get(study_id, -math.inf) >= self.seconds:
+            self.read_now(study_id)
+
+    def read_now(self, study_id: int) -> None:
+        """Read other drivers' new and unfinished trials now."""
+        with self._lock:
+            info = self._studies.setdefault(study_id, _StudyInfo())
+            seen = self._seen.get(study_id, -1)
+            others = {i for i in info.unfinished_trial_ids if i not in self._own}
+            trials = self._backend._get_trials(study_id, None, others, seen)
+            self._last_read[study_id] = time.monotonic()
+            if not trials:
+                return
+            theirs = [t for t in trials if t._trial_id not in self._own]
+            self._add_trials_to_cache(study_id, theirs)
+            for trial in theirs:
+                if trial.state.is_finished():
+                    info.unfinished_trial_ids.discard(trial._trial_id)
+                else:
+                    info.unfinished_trial_ids.add(trial._trial_id)
+            self._seen[study_id] = max(seen, max(t._trial_id for t in trials))
+            self._version += 1
+
+    def get_all_trials(
+        self, study_id: int, deepcopy: bool = True, states: Collection[TrialState] | None = None
+    ) -> list[FrozenTrial]:
+        self._read_trials_from_remote_storage(study_id)
+        key = (study_id, None if states is None else tuple(sorted(s.value for s in states)))
+        with self._lock:
+            version, trials = self._lists.get(key, (-1, []))
+            if version != self._version:
+                found = self._studies[study_id].trials.values()
+                if states is not None:
+                    found = [t for t in found if t.state in states]
+                trials = sorted(found, key=lambda t: t.number)
+                self._lists[key] = (self._version, trials)
+        return copy.deepcopy(trials) if deepcopy else list(trials)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if trial_id in self._own:
+            with self._lock:
+                return copy.deepcopy(self._cached(trial_id))
+        return super().get_trial(trial_id)
+
+    # writes: the driver's own trials are written through
+
+    def _cached(self, trial_id: int) -> FrozenTrial:
+        study_id, number = self._trial_id_to_study_id_and_number[trial_id]
+        return self._studies[study_id].trials[number]
+
+    def _replace(self, trial: FrozenTrial) -> None:
+        study_id, number = self._trial_id_to_study_id_and_number[trial._trial_id]
+        self._studies[study_id].trials[number] = trial
+        self._version += 1
+
+    def _add_trials_to_cache(self, study_id: int, trials: list[FrozenTrial]) -> None:
+        super()._add_trials_to_cache(study_id, trials)
+        self._version += 1
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        trial_id = super().create_new_trial(study_id, template_trial)
+        with self._lock:
+            if template_trial is None or template_trial.state == TrialState.RUNNING:
+                self._own.add(trial_id)
+            elif not template_trial.state.is_finished():  # enqueued: any driver may pop it
+                self._studies[study_id].unfinished_trial_ids.add(trial_id)
+        return trial_id
+
+    def set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+    ) -> None:
+        if trial_id not in self._own:
+            return super().set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        with self._lock:
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            known = self._studies[study_id].param_distribution.get(param_name)
+            if known is not None:
+                check_distribution_compatibility(known, distribution)
+            self._pending.setdefault(trial_id, []).append(
+                (param_name, param_value_internal, distribution)
+            )
+            trial = copy.copy(self._cached(trial_id))
+            trial.params = {
+                **trial.params,
+                param_name: distribution.to_external_repr(param_value_internal),
+            }
+            trial.distributions = {**trial.distributions, param_name: distribution}
+            self._replace(trial)
+
+    def flush(self, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
+        """Write an own trial's pending parameters and ``user_attrs`` in one transaction."""
+        pending = self._pending.get(trial_id, [])
+        system = self._pending_system.get(trial_id, {})
+        with self._lock:
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            known = self._studies[study_id].param_distribution
+        with _create_scoped_session(self._backend.scoped_session, True) as session:
+            model = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self._backend.check_trial_is_updatable(trial_id, model.state)
+            for name, value, distribution in pending:
+                self._backend._set_trial_param_without_commit(
+                    session, trial_id, name, value, distribution, known.get(name)
+                )
+            upsert_user_attrs(self._backend, session, trial_id, system, system=True)
+            upsert_user_attrs(self._backend, session, trial_id, user_attrs)
+        with self._lock:
+            self._pending.pop(trial_id, None)
+            self._pending_system.pop(trial_id, None)
+            for name, _, distribution in pending:
+                known.setdefault(name, distribution)
+            trial = copy.copy(self._cached(trial_id))
+            trial.user_attrs = {**trial.user_attrs, **user_attrs}
+            self._replace(trial)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        super().set_trial_user_attr(trial_id, key, value)
+        if trial_id in self._own:
+            with self._lock:
+                trial = copy.copy(self._cached(trial_id))
+                trial.user_attrs = {**trial.user_attrs, key: value}
+                self._replace(trial)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        if trial_id not in self._own:
+            return super().set_trial_system_attr(trial_id, key, value)
+        with self._lock:
+            if not key.startswith(_RELATIVE_PARAMS_PREFIX):
+                self._pending_system.setdefault(trial_id, {})[key] = value
+            # else: TPE's note of the parameters for other processes before they are stored;
+            # flush stores the parameters themselves in the trial's next transaction
+            trial = copy.copy(self._cached(trial_id))
+            trial.system_attrs = {**trial.system_attrs, key: value}
+            self._replace(trial)
+
+    def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
+        super().set_trial_intermediate_value(trial_id, step, value)
+        if trial_id in self._own:
+            with self._lock:
+                trial = copy.copy(self._cached(trial_id))
+                trial.intermediate_values = {**trial.intermediate_values, step: value}
+                self._replace(trial)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
+        try:
+            changed = super().set_trial_state_values(trial_id, state=state, values=values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.forget(trial_id)
+            raise
+        if changed:  # a popped waiting trial becomes ours; a told one is read back once
+            self.forget(trial_id, own=state == TrialState.RUNNING)
+        return changed
+
+    def finished(
+        self,
+        trial_id: int,
+        state: TrialState,
+        values: list[float] | None,
+        attrs: Mapping[str, Any],
+        completed: datetime | None,
+    ) -> None:
+        """An own trial was told (:func:`write_final`): update the cached copy."""
+        with self._lock:
+            if trial_id not in self._own:
+                return  # another driver's trial: the next read brings it
+            self._own.discard(trial_id)
+            trial = copy.copy(self._cached(trial_id))
+            trial.state = state
+            trial.values = values
+            trial.user_attrs = {**trial.user_attrs, **attrs}
+            trial.datetime_complete = completed
+            self._replace(trial)
+
+    def forget(self, trial_id: int, *, own: bool = False) -> None:
+        """Read one trial from the database into the cache (another driver changed it)."""
+        trial = self._backend.get_trial(trial_id)
+        with self._lock:
+            study_id, _ = self._trial_id_to_study_id_and_number[trial_id]
+            info = self._studies[study_id]
+            self._add_trials_to_cache(study_id, [trial])
+            if own:
+                self._own.add(trial_id)
+            else:
+                self._own.discard(trial_id)
+            if trial.state.is_finished() or own:
+                info.unfinished_trial_ids.discard(trial_id)
+            else:
+                info.unfinished_trial_ids.add(trial_id)
+
+
+@contextlib.contextmanager
+def driver_storage(study: Study, seconds: float = 0.5) -> Iterator[DriverStorage | None]:
+    """Within the block, the study reads and writes through a :class:`DriverStorage` (RDB
+    storage on a verified Optuna; otherwise nothing changes and None is yielded)."""
+    backend = rdb(study)
+    if backend is None:
+        yield None
+        return
+    original = study._storage
+    storage = study._storage = DriverStorage(backend, seconds)
+    try:
+        yield storage
+    finally:
+        study._storage = original
+
+
+def read_fresh(study: Study) -> None:
+    """Bring the driver's cached view up to date now: for decisions that compare this trial
+    with every other (the pruner's rungs)."""
+    storage = study._storage
+    if isinstance(storage, DriverStorage):
+        storage.read_now(study._study_id)
+
+
+def ask(
+    study: Study,
+    distributions: Mapping[str, BaseDistribution],
+    user_attrs: Mapping[str, Any],
+    *,
+    waiting: bool = True,
+) -> optuna.Trial:
+    """``study.ask(distributions)`` plus ``user_attrs``; through a :class:`DriverStorage` the
+    parameters and attributes are one transaction, and ``waiting=False`` (the budget tally
+    found no enqueued trial) skips looking for one."""
+    storage = study._storage
+    if not isinstance(storage, DriverStorage):
+        trial = study.ask(dict(distributions))
+        for key, value in user_attrs.items():
+            trial.set_user_attr(key, value)
+        return trial
+    trial_id = None
+    if waiting:
+        storage.read_now(study._study_id)  # an enqueued trial is popped from a fresh view
+        trial_id = study._pop_waiting_trial_id()
+    if trial_id is None:
+        trial_id = storage.create_new_trial(study._study_id)
+    study._thread_local.cached_all_trials = None
+    trial = optuna.Trial(study, trial_id)
+    for name, distribution in distributions.items():
+        trial._suggest(name, distribution)
+    storage.flush(trial_id, user_attrs)
+    return trial
+
+
+# -- the sampler ----------------------------------------------------------------------------------
+
+Space = dict[str, BaseDistribution]
+Observations = dict[str, np.ndarray]
+
+
+def _internal(params: dict[str, Any], space: Space) -> list[float] | None:
+    """The parameters in the sampler's internal representation; None if one is missing."""
+    if not space.keys() <= params.keys():
+        return None
+    return [float(dist.to_internal_repr(params[name])) for name, dist in space.items()]
+
+
+class _History:
+    """The complete trials of one study and search space, appended as they are found."""
+
+    def __init__(self, key: tuple[object, ...], dimensions: int) -> None:
+        self.key = key
+        self.frontier = 0  # every trial before this position is finished and recorded
+        self.recorded: set[int] = set()
+        self.size = 0
+        self.numbers = np.empty(64, dtype=np.int64)
+        self.losses = np.empty(64)
+        self.params = np.empty((64, dimensions))
+        self.valid = np.empty(64, dtype=bool)
+
+    def add(self, number: int, loss: float, params: list[float] | None) -> None:
+        self.recorded.add(number)
+        if self.size == len(self.numbers):
+            for name in ("numbers", "losses", "params", "valid"):
+                array = getattr(self, name)
+                setattr(self, name, np.concatenate([array, np.empty_like(array)]))
+        index, self.size = self.size, self.size + 1
+        self.numbers[index], self.losses[index] = number, loss
+        self.valid[index] = params is not None
+        if params is not None:
+            self.params[index] = params
+
+
+class CachedTPESampler(TPESampler):
+    """``TPESampler`` whose asks do not grow with Python work per stored trial.
+
+    Optuna's ``TPESampler._sample`` redoes Python work for every stored trial on every ask
+    (constraint check, sort key, internal representation of the parameters), which grows to
+    tens of milliseconds an ask at a few thousand trials. This sampler records each complete
+    trial once, in numpy arrays, and on an ask only looks at the trials not yet finished. It
+    builds the same Parzen estimators from the same observations in the same order, so it
+    suggests exactly what ``TPESampler`` would with the same seed. Cases it does not cover
+    (several objectives, constraints, pruned trials, no constant liar) go to Optuna.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._covered = kwargs.get("constraints_func") is None and self._constant_liar
+        self._history: _History | None = None
+        self._running_rows: dict[int, tuple[int, list[float] | None]] = {}
+
+    def _sample(self, study: Study, trial: FrozenTrial, search_space: Space) -> dict[str, Any]:
+        if not self._covered or study._is_multi_objective() or not search_space:
+            return super()._sample(study, trial, search_space)
+        running = self._update(study, trial, search_space)
+        if running is None:  # pruned trials: Optuna's path
+            return super()._sample(study, trial, search_space)
+        below, above = self._split(study, running, search_space)
+        parameters = self._parzen_estimator_parameters
+        estimators = [
+            self._parzen_estimator_cls(observations, search_space, parameters)
+            for observations in (below, above)
+        ]
+        samples = estimators[0].sample(self._rng.rng, self._n_ei_candidates)
+        best = self._compare(samples, self._compute_acquisition_func(samples, *estimators))
+        return {name: dist.to_external_repr(best[name]) for name, dist in search_space.items()}
+
+    def _update(self, study: Study, trial: FrozenTrial, space: Space) -> list[FrozenTrial] | None:
+        """Record newly complete trials; the running ones other than ``trial`` (None: pruned)."""
+        key = (id(study._storage), study._study_id, *space.items())
+        if self._history is None or self._history.key != key:
+            self._history = _History(key, len(space))
+            self._running_rows = {}
+        history = self._history
+        trials = study._get_trials(deepcopy=False, states=None, use_cache=False)  # by number
+        running = []
+        for position in range(history.frontier, len(trials)):
+            other = trials[position]
+            if other.state == TrialState.RUNNING and other.number != trial.number:
+                running.append(other)
+            elif other.state == TrialState.COMPLETE and other.number not in history.recorded:
+                history.add(other.number, other.value, _internal(other.params, space))
+            elif other.state == TrialState.PRUNED:
+                return None
+            if position == history.frontier and other.state.is_finished():
+                history.frontier += 1
+        return running
+
+    def _running_row(self, trial: FrozenTrial, study: Study, space: Space) -> list[float] | None:
+        """A running trial's parameters, internal representation (kept until they change)."""
+        params = self._get_params(trial, study)
+        cached = self._running_rows.get(trial.number)
+        if cached is not None and cached[0] == len(params):
+            return cached[1]
+        row = _internal(params, space)
+        self._running_rows[trial.number] = (len(params), row)
+        return row
+
+    def _split(
+        self, study: Study, running: list[FrozenTrial], space: Space
+    ) -> tuple[Observations, Observations]:
+        """Observations below and above the gamma quantile, each in trial-number order.
+
+        As Optuna: the best ``gamma(n)`` complete trials (sorted by loss, ties by number)
+        are below; the other complete trials and the running ones are above.
+        """
+        history = self._history
+        assert history is not None
+        size = history.size
+        numbers, losses = history.numbers[:size], history.losses[:size]
+        if study.direction == StudyDirection.MAXIMIZE:
+            losses = -losses
+        order = np.lexsort((numbers, losses))
+        n_below = min((self._gamma or default_gamma)(size), size)
+        below = order[:n_below]
+        above = order[n_below:]
+        rows = [self._running_row(t, study, space) for t in running]
+        if len(self._running_rows) > 4 * len(running) + 64:  # forget finished trials
+            keep = {t.number for t in running}
+            self._running_rows = {n: r for n, r in self._running_rows.items() if n in keep}
+        filled = np.array([row or [np.nan] * len(space) for row in rows]).reshape(-1, len(space))
+        running_numbers = np.array([t.number for t in running], dtype=np.int64)
+        running_valid = np.array([row is not None for row in rows], dtype=bool)
+        return (
+            _ordered(numbers[below], history.params[below], history.valid[below], space),
+            _ordered(
+                np.concatenate([numbers[above], running_numbers]),
+                np.concatenate([history.params[above], filled]),
+                np.concatenate([history.valid[above], running_valid]),
+                space,
+            ),
+        )
+
+
+def _ordered(
+    numbers: np.ndarray, params: np.ndarray, valid: np.ndarray, space: Space
+) -> Observations:
+    """Each parameter's values in trial-number order, trials lacking a parameter left out."""
+    order = np.argsort(numbers, kind="stable")
+    rows = params[order][valid[order]]
+    return {name: rows[:, i] for i, name in enumerate(space)}
+
+
+_warned: list[str] = []
+_warned_lock = threading.Lock()
+
+
+def cached_tpe_verified(version: str | None = None) -> bool:
+    """Whether CachedTPESampler may run on this Optuna; logs once when it may not."""
+    version = version or optuna.__version__
+    sampler = TPESampler(constant_liar=True)
+    missing = [name for name in TPE_INTERNALS if not hasattr(sampler, name)]
+    missing += [f"Study.{name}" for name in STUDY_INTERNALS if not hasattr(optuna.Study, name)]
+    if default_gamma is None:
+        missing.append("optuna.samplers._tpe.sampler.default_gamma")
+    if _release(version) in VERIFIED_OPTUNA and not missing:
+        return True
+    with _warned_lock:
+        if version in _warned:
+            return False
+        _warned.append(version)
+    why = f"lacks {', '.join(sorted(set(missing)))}" if missing else "was not verified"
+    log.warning(
+        "Optuna %s %s for simcal's cached TPE (verified: %s); using Optuna's TPESampler",
+        version,
+        why,
+        ", ".join(VERIFIED_OPTUNA),
+    )
+    return False
