@@ -115,7 +115,9 @@ def _scale(args: argparse.Namespace) -> int:
 
     settings = ScaleSettings()
     if args.quick:
-        settings = ScaleSettings(workers=2, threads=4, duration=0.2, replicates=2, trials=30)
+        settings = ScaleSettings(
+            workers=2, threads=4, duration=0.2, replicates=2, trials=30, profile_trials=10
+        )
     log.info("scale run: %s; load average %s", settings, os.getloadavg())
     result = scale_run(settings, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
