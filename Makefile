@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs
+.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs dashboard
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(VENV)/.test-installed
 ## k8s-manifests: regenerate k8s/calibration-job.yaml from the chart (a test fails when stale)
 k8s-manifests: $(VENV)/.test-installed
 	$(BIN)/python scripts/k8s_manifests.py
+
+## dashboard: regenerate helm/simcal/files/grafana-dashboard.json with grafana-foundation-sdk (a test fails when stale)
+dashboard: $(VENV)/.test-installed
+	$(BIN)/python scripts/make_dashboard.py
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) simcal.db simcal-summary.json

@@ -1,14 +1,17 @@
 #!/usr/bin/env python3
 """Generate helm/simcal/files/grafana-dashboard.json, the "simcal calibration" dashboard.
 
-Plain Python, no dependencies. Edit this script, not the JSON, then run:
+Built with Grafana's own builders, the grafana-foundation-sdk package, which the project's
+``test`` extra installs (``pip install -c constraints.txt -e '.[test]'``, or any make target
+that needs the test extra). Edit this script, not the JSON, then run it from that virtualenv:
 
-    python scripts/make_dashboard.py           # rewrite the JSON
-    python scripts/make_dashboard.py --check   # exit 1 if the JSON is out of date
+    .venv/bin/python scripts/make_dashboard.py           # rewrite the JSON (or: make dashboard)
+    .venv/bin/python scripts/make_dashboard.py --check   # exit 1 if the JSON is out of date
 
+Panel titles, the dashboard's uid and title and the variables' names are contracts: the
+alert descriptions in helm/simcal/files/prometheus-rules.yaml and docs/runbook.md name them.
 The regression threshold drawn on "Trials per minute" is 0.7 x
-simcal:trials_per_minute:baseline3h, the same expression SimcalThroughputRegression uses
-(helm/simcal/files/prometheus-rules.yaml).
+simcal:trials_per_minute:baseline3h, the same expression SimcalThroughputRegression uses.
 """
 
 from __future__ import annotations
@@ -17,89 +20,129 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+
+try:
+    from grafana_foundation_sdk.builders import common as common_builders
+    from grafana_foundation_sdk.builders import dashboard as dashboard_builders
+    from grafana_foundation_sdk.builders import prometheus, timeseries
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common
+    from grafana_foundation_sdk.models import dashboard as models
+    from grafana_foundation_sdk.models.prometheus import QueryEditorMode
+except ImportError as error:  # exit 2, not --check's 1: the JSON may well be current
+    print(
+        f"{error}: grafana-foundation-sdk is missing; run this script with the project's "
+        "virtualenv after `pip install -c constraints.txt -e '.[test]'` (make dashboard does)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "helm" / "simcal" / "files" / "grafana-dashboard.json"
-DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+# As before the SDK (tests want >= 39); its Dashboard defaults to 36 and has no builder for it.
+SCHEMA_VERSION = 39
+DATASOURCE = models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 STUDY = 'study=~"$study"'
-DASHED = {"fill": "dash", "dash": [10, 10]}
 
 
-def target(ref: str, expr: str, legend: str) -> dict[str, Any]:
-    return {
-        "datasource": DATASOURCE,
-        "refId": ref,
-        "expr": expr,
-        "legendFormat": legend,
-        "range": True,
-        "editorMode": "code",
-    }
+def target(ref: str, expr: str, legend: str) -> prometheus.Dataquery:
+    return (
+        prometheus.Dataquery()
+        .datasource(DATASOURCE)
+        .ref_id(ref)
+        .expr(expr)
+        .legend_format(legend)
+        .range()
+        .editor_mode(QueryEditorMode.CODE)
+    )
 
 
-def dashed(ref: str, color: str | None = None) -> dict[str, Any]:
-    """A field override: the series of query ``ref`` as a dashed line (thresholds, minimums)."""
-    properties: list[dict[str, Any]] = [{"id": "custom.lineStyle", "value": DASHED}]
+def dashed_line(color: str | None) -> list[models.DynamicConfigValue]:
+    """Override properties: a dashed line (thresholds, minimums), in ``color`` if given."""
+    style = common_builders.LineStyle().fill("dash").dash([10, 10]).build()
+    properties = [models.DynamicConfigValue(id_val="custom.lineStyle", value=style)]
     if color:
-        properties.append({"id": "color", "value": {"mode": "fixed", "fixedColor": color}})
-    return {"matcher": {"id": "byFrameRefID", "options": ref}, "properties": properties}
+        fixed = dashboard_builders.FieldColor().mode(models.FieldColorModeId.FIXED)
+        properties.append(
+            models.DynamicConfigValue(id_val="color", value=fixed.fixed_color(color).build())
+        )
+    return properties
 
 
-def timeseries(
+def timeseries_panel(
     title: str,
     description: str,
-    targets: list[dict[str, Any]],
+    targets: list[prometheus.Dataquery],
     grid: tuple[int, int, int, int],
     *,
     unit: str = "short",
     minimum: float | None = 0,
     maximum: float | None = None,
     threshold: float | None = None,
-    overrides: list[dict[str, Any]] | None = None,
+    dashed: str | None = None,
+    dashed_color: str | None = None,
     stack: bool = False,
-) -> dict[str, Any]:
+) -> timeseries.Panel:
+    """A line chart; ``dashed`` is the refId of a query drawn dashed (a threshold line)."""
     x, y, w, h = grid
-    defaults: dict[str, Any] = {
-        "unit": unit,
-        "color": {"mode": "palette-classic"},
-        "custom": {
-            "drawStyle": "line",
-            "lineWidth": 2,
-            "fillOpacity": 20 if stack else 0,
-            "showPoints": "never",
-            "spanNulls": False,
-            "stacking": {"mode": "normal" if stack else "none", "group": "A"},
-            "thresholdsStyle": {"mode": "line+area" if threshold is not None else "off"},
-        },
-        "thresholds": {
-            "mode": "absolute",
-            "steps": [{"color": "green", "value": None}]
-            + ([{"color": "red", "value": threshold}] if threshold is not None else []),
-        },
-    }
+    steps = [models.Threshold(value=None, color="green")]
+    if threshold is not None:
+        steps.append(models.Threshold(value=threshold, color="red"))
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .grid_pos(models.GridPos(x=x, y=y, w=w, h=h))
+        .targets(targets)
+        .unit(unit)
+        .color_scheme(dashboard_builders.FieldColor().mode(models.FieldColorModeId.PALETTE_CLASSIC))
+        .draw_style(common.GraphDrawStyle.LINE)
+        .line_width(2)
+        .fill_opacity(20 if stack else 0)
+        .show_points(common.VisibilityMode.NEVER)
+        .span_nulls(False)
+        .stacking(
+            common_builders.StackingConfig()
+            .mode(common.StackingMode.NORMAL if stack else common.StackingMode.NONE)
+            .group("A")
+        )
+        .thresholds_style(
+            common_builders.GraphThresholdsStyleConfig().mode(
+                common.GraphTresholdsStyleMode.OFF
+                if threshold is None
+                else common.GraphTresholdsStyleMode.LINE_AND_AREA
+            )
+        )
+        .thresholds(
+            dashboard_builders.ThresholdsConfig().mode(models.ThresholdsMode.ABSOLUTE).steps(steps)
+        )
+        .legend(
+            common_builders.VizLegendOptions()
+            .display_mode(common.LegendDisplayMode.LIST)
+            .placement(common.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs([])
+        )
+        .tooltip(
+            common_builders.VizTooltipOptions()
+            .mode(common.TooltipDisplayMode.MULTI)
+            .sort(common.SortOrder.DESCENDING)
+        )
+    )
     if minimum is not None:
-        defaults["min"] = minimum
+        panel.min(minimum)
     if maximum is not None:
-        defaults["max"] = maximum
-    return {
-        "type": "timeseries",
-        "title": title,
-        "description": description,
-        "datasource": DATASOURCE,
-        "gridPos": {"x": x, "y": y, "w": w, "h": h},
-        "targets": targets,
-        "fieldConfig": {"defaults": defaults, "overrides": overrides or []},
-        "options": {
-            "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-    }
+        panel.max(maximum)
+    if dashed is not None:
+        panel.override_by_query(dashed, dashed_line(dashed_color))
+    return panel
 
 
-def panels() -> list[dict[str, Any]]:
+def panels() -> list[timeseries.Panel]:
     rate = "$__rate_interval"
-    items = [
-        timeseries(
+    return [
+        timeseries_panel(
             "Trials per minute",
             "Finished (completed or pruned) trials per minute per study (5m rate), and of them "
             "the pruned ones (replicate-aware pruning: throughput, not errors), against the "
@@ -123,9 +166,10 @@ def panels() -> list[dict[str, Any]]:
             ],
             (0, 0, 12, 8),
             unit="suffix: trials/min",
-            overrides=[dashed("B", "red")],
+            dashed="B",
+            dashed_color="red",
         ),
-        timeseries(
+        timeseries_panel(
             "Worker utilization",
             "Busy task-seconds / (worker threads x wall time), trailing window. "
             "SimcalLowWorkerUtilization fires below 0.5 for 15m with trials in flight.",
@@ -135,26 +179,25 @@ def panels() -> list[dict[str, Any]]:
             maximum=1,
             threshold=0.5,
         ),
-        timeseries(
+        timeseries_panel(
             "In-flight trials",
             "Trials submitted to Dask and not yet told to the optimizer.",
             [target("A", f"sum by (study) (simcal_inflight_trials{{{STUDY}}})", "{{study}}")],
             (0, 8, 8, 8),
         ),
-        timeseries(
+        timeseries_panel(
             "Workers vs minimum",
             "Connected Dask workers against the run's --min-workers (dashed). "
             "SimcalWorkersBelowMinimum fires after 5m below the minimum.",
             [
                 target("A", f"max by (study) (simcal_workers{{{STUDY}}})", "{{study}} workers"),
-                target(
-                    "B", f"max by (study) (simcal_min_workers{{{STUDY}}})", "{{study}} minimum"
-                ),
+                target("B", f"max by (study) (simcal_min_workers{{{STUDY}}})", "{{study}} minimum"),
             ],
             (8, 8, 8, 8),
-            overrides=[dashed("B", "red")],
+            dashed="B",
+            dashed_color="red",
         ),
-        timeseries(
+        timeseries_panel(
             "Trial errors by reason",
             "Failed trials per minute by reason (nan_loss, simulation_error, aggregation_error, "
             "timeout, worker_lost, cancelled).",
@@ -170,7 +213,7 @@ def panels() -> list[dict[str, Any]]:
             unit="suffix: errors/min",
             stack=True,
         ),
-        timeseries(
+        timeseries_panel(
             "Trial duration p50 / p95",
             "Seconds from a trial's submission to its tell (histogram quantiles).",
             [
@@ -190,14 +233,14 @@ def panels() -> list[dict[str, Any]]:
             (0, 16, 12, 8),
             unit="s",
         ),
-        timeseries(
+        timeseries_panel(
             "Best loss",
             "Best (lowest) loss found so far per study.",
             [target("A", f"simcal_best_loss{{{STUDY}}}", "{{study}}")],
             (12, 16, 12, 8),
             minimum=None,
         ),
-        timeseries(
+        timeseries_panel(
             "Dask scheduler tasks by state",
             "Tasks known to the Dask scheduler(s) by state (all scraped schedulers). Results "
             "piling up in `memory` mean the driver does not collect them; `queued` or "
@@ -206,7 +249,7 @@ def panels() -> list[dict[str, Any]]:
             (0, 24, 12, 8),
             stack=True,
         ),
-        timeseries(
+        timeseries_panel(
             "Trial error ratio",
             "Failed / told trials over 10m (simcal:trial_error_ratio:rate10m). "
             "SimcalHighErrorRate fires above 10% with at least 20 trials told in 10m.",
@@ -216,7 +259,7 @@ def panels() -> list[dict[str, Any]]:
             maximum=1,
             threshold=0.1,
         ),
-        timeseries(
+        timeseries_panel(
             "Driver busy",
             "Share of wall time each driver loop works (ask, tell, submit, bookkeeping) rather "
             "than waits for results, trailing window; the study's average (dashed) is what "
@@ -233,9 +276,9 @@ def panels() -> list[dict[str, Any]]:
             unit="percentunit",
             maximum=1,
             threshold=0.9,
-            overrides=[dashed("B")],
+            dashed="B",
         ),
-        timeseries(
+        timeseries_panel(
             "Storage time per operation",
             "p50 and p95 seconds of the drivers' storage operations (ask, tell, other: budget "
             "counts and recovery), all drivers of the study together.",
@@ -257,100 +300,86 @@ def panels() -> list[dict[str, Any]]:
             unit="s",
         ),
     ]
-    for number, panel in enumerate(items, start=1):
-        panel["id"] = number
-    return items
 
 
-def templating() -> dict[str, Any]:
+def variables() -> list[dashboard_builders.DatasourceVariable | dashboard_builders.QueryVariable]:
+    # Each variable's id is its name, as Grafana itself keys them: the SDK's default id (the
+    # nil UUID, the same for every variable) would make them collide in Grafana's variable state.
     study_query = "label_values(simcal_trials_total, study)"
-    return {
-        "list": [
-            {
-                "name": "datasource",
-                "label": "Data source",
-                "type": "datasource",
-                "query": "prometheus",
-                "regex": "",
-                "current": {},
-                "hide": 0,
-                "includeAll": False,
-                "multi": False,
-                "options": [],
-                "refresh": 1,
-                "skipUrlSync": False,
-            },
-            {
-                "name": "study",
-                "label": "Study",
-                "type": "query",
-                "datasource": DATASOURCE,
-                "definition": study_query,
-                "query": {"query": study_query, "refId": "StandardVariableQuery"},
-                "regex": "",
-                "current": {},
-                "hide": 0,
-                "includeAll": True,
-                "allValue": ".*",
-                "multi": True,
-                "options": [],
-                "refresh": 2,
-                "sort": 1,
-                "skipUrlSync": False,
-            },
-        ]
-    }
+    return [
+        dashboard_builders.DatasourceVariable("datasource")
+        .id("datasource")
+        .label("Data source")
+        .type("prometheus")
+        .regex(""),
+        dashboard_builders.QueryVariable("study")
+        .id("study")
+        .label("Study")
+        .datasource(DATASOURCE)
+        .query({"query": study_query, "refId": "StandardVariableQuery"})
+        .regex("")
+        .include_all(True)
+        .all_value(".*")
+        .multi(True)
+        .options([])
+        .refresh(models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(models.VariableSort.ALPHABETICAL_ASC),
+    ]
 
 
-def build_dashboard() -> dict[str, Any]:
-    return {
-        "id": None,
-        "uid": "simcal-overview",
-        "title": "simcal calibration",
-        "description": "simcal calibration runs: throughput against the regression alert, "
-        "workers, errors, trial durations, best loss and the Dask scheduler. "
-        "Alerts and runbook: helm/simcal/files/prometheus-rules.yaml, docs/runbook.md.",
-        "tags": ["simcal", "dask", "optuna"],
-        "schemaVersion": 39,
-        "version": 1,
-        "editable": True,
-        "graphTooltip": 1,
-        "fiscalYearStartMonth": 0,
-        "liveNow": False,
-        "refresh": "30s",
-        "time": {"from": "now-6h", "to": "now"},
-        "timepicker": {},
-        "timezone": "browser",
-        "annotations": {
-            "list": [
-                {
-                    "builtIn": 1,
-                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
-                    "enable": True,
-                    "hide": True,
-                    "iconColor": "rgba(0, 211, 255, 1)",
-                    "name": "Annotations & Alerts",
-                    "type": "dashboard",
-                }
-            ]
-        },
-        "links": [
-            {
-                "title": "Runbook",
-                "type": "link",
-                "url": "https://github.com/simcal/simcal/blob/main/docs/runbook.md",
-                "targetBlank": True,
-                "icon": "doc",
-                "tooltip": "What each simcal alert means and what to do",
-            }
-        ],
-        "templating": templating(),
-        "panels": panels(),
-    }
+def position(panel: models.Panel) -> tuple[int, int, int, int]:
+    return panel.grid_pos.x, panel.grid_pos.y, panel.grid_pos.w, panel.grid_pos.h
+
+
+def build_dashboard() -> models.Dashboard:
+    builder = (
+        dashboard_builders.Dashboard("simcal calibration")
+        .uid("simcal-overview")
+        .description(
+            "simcal calibration runs: throughput against the regression alert, "
+            "workers, errors, trial durations, best loss and the Dask scheduler. "
+            "Alerts and runbook: helm/simcal/files/prometheus-rules.yaml, docs/runbook.md."
+        )
+        .tags(["simcal", "dask", "optuna"])
+        .version(1)
+        .editable()
+        .tooltip(models.DashboardCursorSync.CROSSHAIR)
+        .fiscal_year_start_month(0)
+        .live_now(False)
+        .refresh("30s")
+        .time("now-6h", "now")
+        .timezone("browser")
+        # No annotation of our own: Grafana adds its built-in "Annotations & Alerts" to a
+        # dashboard that has none marked builtIn, a field the SDK's AnnotationQuery lacks.
+        .annotations([])
+        .link(
+            dashboard_builders.DashboardLink("Runbook")
+            .type(models.DashboardLinkType.LINK)
+            .url("https://github.com/simcal/simcal/blob/main/docs/runbook.md")
+            .target_blank(True)
+            .icon("doc")
+            .tooltip("What each simcal alert means and what to do")
+        )
+        .variables(variables())
+    )
+    declared = {}
+    for number, panel in enumerate(panels(), start=1):
+        declared[number] = position(panel.id(number).build())
+        builder.with_panel(panel)
+    board = builder.build()
+    board.schema_version = SCHEMA_VERSION
+    # with_panel moves a panel placed at x=0, y=0 to its own layout cursor: keep every
+    # panel where it was put.
+    for panel in board.panels or []:
+        if position(panel) != declared[panel.id_val]:
+            raise RuntimeError(
+                f"{panel.title!r} moved from {declared[panel.id_val]} to {position(panel)}"
+            )
+    return board
 
 
 def render() -> str:
-    return json.dumps(build_dashboard(), indent=2) + "\n"
+    return json.dumps(build_dashboard(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
         if current != text:
-            print(f"{args.output} is out of date: run python scripts/make_dashboard.py",
-                  file=sys.stderr)
+            print(
+                f"{args.output} is out of date: run make dashboard "
+                "(.venv/bin/python scripts/make_dashboard.py)",
+                file=sys.stderr,
+            )
             return 1
         return 0
     args.output.write_text(text, encoding="utf-8")
