@@ -88,5 +88,10 @@ def test_the_command_prints_and_writes_json(tmp_path: Path, capsys: Any) -> None
     assert printed["study"] == "post" and printed["method"] == "importance"
     assert set(printed["parameters"]["x"]) == {"median", "ci50", "ci90"}
     assert main(["posterior", "--config", str(config), "--out", "/nonexistent/p.json"]) == 2
-    assert main(["posterior", "--config", str(config), "--study", "other"]) == 1
-    assert "no study 'other'" in capsys.readouterr().err
+    assert main(["posterior", "--config", str(config), "--study", "other"]) == 2
+    err = capsys.readouterr().err
+    assert "no study 'other'" in err and "studies there: post" in err
+    missing = tmp_path / "missing.db"
+    assert main(["posterior", "--config", str(config), "--storage", f"sqlite:///{missing}"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()  # not created
+

@@ -198,20 +198,14 @@ def _fraction(text: str) -> float:
 
 def cmd_posterior(args: argparse.Namespace) -> int:
     """``simcal posterior``: print (and write) the approximate posterior as JSON."""
-    import optuna
-
     from simcal.config import ConfigError
-    from simcal.storage import StorageError, redact
+    from simcal.reporting.studies import load_existing_study
 
     config = resolve_study_config(args)
     if args.out and not args.out.parent.is_dir():
         raise ConfigError(f"--out {str(args.out)!r}: directory does not exist")
-    try:
-        study = optuna.load_study(study_name=config.study, storage=config.storage)
-    except KeyError:
-        raise StorageError(f"no study {config.study!r} in {redact(config.storage)}") from None
-    except Exception as exc:
-        raise StorageError(f"cannot read {redact(config.storage)}: {type(exc).__name__}") from None
+    # never creates a database file; a missing study exits 2 listing the studies there
+    study = load_existing_study(config.storage, config.study)
     method = choose_method(config, args.method)
     try:
         result = posterior(
