@@ -17,6 +17,20 @@ def test_scale_mode_runs_the_scheduler_in_its_own_process_and_reports(tmp_path: 
     assert report["slots"] == 8 and report["ideal_trials_per_minute"] == 1200.0
     assert report["driver_cpu_ms_per_trial"] > 0 and report["scheduler_cpu_ms_per_task"] > 0
     assert "driver.py" in Path(report["profile"]).read_text()  # the driver's own profile
+    assert report["drivers"] == 1 and report["told_by_driver"] == [30]
+
+
+def test_scale_mode_with_two_drivers_shares_one_budget(tmp_path: Path) -> None:
+    """--drivers 2: this process and a `simcal run` process on one study; together they tell
+    the budget (at most one surplus), each some of it."""
+    result = run_simcal(
+        "bench", "--scale", "--quick", "--drivers", "2", "--out", str(tmp_path), timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "scale.json").read_text())
+    told = report["completed"] + report["failed"]
+    assert 30 <= told <= 31 and sum(report["told_by_driver"]) == told
+    assert len(report["told_by_driver"]) == 2 and min(report["told_by_driver"]) > 0
 
 
 def test_storages_mode_compares_storages_side_by_side(tmp_path: Path) -> None:

@@ -120,6 +120,18 @@ def _three_drivers(tmp_path: Path, storage: str, study: str) -> None:
         assert retry.params == {**(trial.system_attrs.get("fixed_params") or {}), **trial.params}
     recovered = sum(s["this_run"]["recovered_from_other_drivers"] for s in summaries.values())
     assert recovered == len(interrupted)
+    delays = [t.datetime_complete.timestamp() - killed_at for t in interrupted]
+    by_driver = {
+        run: sum(1 for t in counted if t.user_attrs.get("run_id") == run) for run in (*live, dead)
+    }
+    print(  # the accounting, for the record (pytest -s)
+        f"\n{study}: {len(counted)} counted (max_trials {MAX_TRIALS}, bound "
+        f"{MAX_TRIALS + DRIVERS - 1}), {len(trials)} stored; counted by driver "
+        f"{sorted(by_driver.values(), reverse=True)} (killed driver {by_driver[dead]}); "
+        f"{len(interrupted)} interrupted, all the killed driver's, {len(ran)} re-run once; "
+        f"{len(surplus)} surplus; recovered {min(delays):.1f}-{max(delays):.1f} s after the "
+        f"kill (lease_grace {LEASE_GRACE:.0f} s); nothing left open"
+    )
 
 
 def counted_once(retry: object, trials: list) -> bool:

@@ -7,6 +7,8 @@ import logging
 import os
 from pathlib import Path
 
+from simcal.argtypes import positive_int
+
 log = logging.getLogger(__name__)
 
 QUIET_LOGGERS = ("simcal.driver", "distributed", "optuna")
@@ -53,6 +55,13 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         action="store_true",
         help="scale run instead of the suite: scheduler in its own process, 4 threaded workers "
         "x 64 threads, d=1 s, R=4, 2,000 trials, default storage and sampler (--quick: tiny)",
+    )
+    bench.add_argument(
+        "--drivers",
+        type=positive_int,
+        default=1,
+        help="--scale with this many drivers on one study (this process and simcal run "
+        "processes), the budget shared",
     )
     bench.set_defaults(handler=cmd_bench)
 
@@ -113,10 +122,11 @@ def _scale(args: argparse.Namespace) -> int:
 
     from simcal.bench.scale import ScaleSettings, scale_run
 
-    settings = ScaleSettings()
+    settings = ScaleSettings(drivers=args.drivers)
     if args.quick:
         settings = ScaleSettings(
-            workers=2, threads=4, duration=0.2, replicates=2, trials=30, profile_trials=10
+            workers=2, threads=4, duration=0.2, replicates=2, trials=30, profile_trials=10,
+            drivers=args.drivers,
         )
     log.info("scale run: %s; load average %s", settings, os.getloadavg())
     result = scale_run(settings, args.out)

@@ -52,6 +52,7 @@ class ScaleSettings:
     replicates: int = 4
     trials: int = 2000
     profile_trials: int = 400  # a second, profiled run (cProfile slows the loop it measures)
+    drivers: int = 1  # on one study: this process and drivers - 1 `simcal run` processes
 
     @property
     def slots(self) -> int:
@@ -88,6 +89,71 @@ def _config(settings: ScaleSettings, storage: str, study: str = "") -> Calibrati
             "storage": storage,
         }
     )
+
+
+def _other_drivers(
+    settings: ScaleSettings, config: CalibrationConfig, address: str, directory: str,
+    env: dict[str, str],
+) -> list[subprocess.Popen]:
+    """Start ``settings.drivers - 1`` more drivers on the same study: ``simcal run`` processes
+    with the same config, storage and scheduler (as several Kubernetes driver pods)."""
+    if settings.drivers <= 1:
+        return []
+    import yaml
+
+    path = Path(directory) / "scale.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    simcal = str(Path(sys.executable).with_name("simcal"))
+    return [
+        subprocess.Popen(
+            [
+                simcal, "run", "--config", str(path), "--scheduler", address,
+                "--min-workers", str(settings.workers), "--metrics-port", "0",
+                "--summary", str(Path(directory) / f"driver-{index}.json"),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(Path(directory) / f"driver-{index}.log", "w"),
+            start_new_session=True,
+        )
+        for index in range(1, settings.drivers)
+    ]
+
+
+def _wait_for_leases(
+    study: Any, count: int, others: list[subprocess.Popen], timeout: float = 300
+) -> None:
+    """Wait until ``count`` other drivers hold a lease on the study (all drive at once)."""
+    from simcal.optuna_internals import study_system_attrs
+    from simcal.trials import LEASE_PREFIX
+
+    deadline = time.monotonic() + timeout
+    while count:
+        leases = [k for k in study_system_attrs(study) if k.startswith(LEASE_PREFIX)]
+        if len(leases) >= count:
+            return
+        if any(proc.poll() is not None for proc in others) or time.monotonic() > deadline:
+            raise RuntimeError("the other scale drivers did not start (see their logs)")
+        time.sleep(0.2)
+
+
+def _reap(others: list[subprocess.Popen], directory: str) -> tuple[float, list[dict[str, Any]]]:
+    """Wait for the other drivers; their CPU seconds (together) and their summaries."""
+    import json
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for proc in others:
+        if proc.wait(timeout=600) != 0:
+            log_text = (Path(directory) / f"driver-{others.index(proc) + 1}.log").read_text()
+            raise RuntimeError(f"a scale driver exited {proc.returncode}: {log_text[-2000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    summaries = [
+        json.loads((Path(directory) / f"driver-{index}.json").read_text())
+        for index in range(1, len(others) + 1)
+    ]
+    return cpu, summaries
 
 
 def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
@@ -138,14 +204,20 @@ def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
             calibration = Calibration(
                 config, SimulationService(client), study, Metrics(config.study), progress=_Silent()
             )
+            others = _other_drivers(settings, config, address, directory, env)
+            _wait_for_leases(study, len(others), others)
             sched = psutil.Process(scheduler.pid)
             sched_cpu = sum(sched.cpu_times()[:2])
             cpu, wall = time.process_time(), time.perf_counter()
             stats = calibration.run()
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            own_cpu = time.process_time() - cpu
+            others_cpu, summaries = _reap(others, directory)
+            cpu, wall = own_cpu + others_cpu, time.perf_counter() - wall
             sched_cpu = sum(sched.cpu_times()[:2]) - sched_cpu
-            completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            trials = study.get_trials(deepcopy=False)
+            completed = [t for t in trials if t.state == TrialState.COMPLETE]
             times = [t.datetime_complete.timestamp() for t in completed]
+            told = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL))
             log.info(
                 "scale run: %d trials in %.0f s; profiling %d more",
                 len(times),
@@ -173,7 +245,6 @@ def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(directory, ignore_errors=True)
-    told = stats.completed + stats.failed
     tasks = told * (settings.replicates + 1)
     rate = steady_rate(times) * 60
     text = io.StringIO()
@@ -189,8 +260,10 @@ def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
     return {
         **settings.__dict__,
         "slots": settings.slots,
-        "completed": stats.completed,
-        "failed": stats.failed,
+        "completed": len(completed),
+        "failed": told - len(completed),
+        "told_by_driver": [stats.completed + stats.failed]
+        + [s["this_run"]["completed"] + s["this_run"]["failed"] for s in summaries],
         "elapsed_seconds": round(wall, 1),
         "trials_per_minute": round(rate, 1),
         "ideal_trials_per_minute": settings.ideal_trials_per_minute(),
