@@ -280,8 +280,9 @@ def panels() -> list[timeseries.Panel]:
         ),
         timeseries_panel(
             "Storage time per operation",
-            "p50 and p95 seconds of the drivers' storage operations (ask, tell, other: budget "
-            "counts and recovery), all drivers of the study together.",
+            "p50 and p95 seconds of the drivers' storage operations (ask; tell: one group commit "
+            "per batch of results; other: budget counts and recovery), all drivers of the study "
+            "together.",
             [
                 target(
                     "A",

@@ -52,7 +52,8 @@ def test_a_real_run_reports_its_storage_time_and_busy_share(
     _, metrics, stats = calibrate(client, tmp_path, max_trials=12, model_options={"duration": 0.2})
     asks = metrics.value("simcal_storage_seconds_count", operation="ask")
     tells = metrics.value("simcal_storage_seconds_count", operation="tell")
-    assert asks == tells == stats.completed + stats.failed == 12
+    assert asks == stats.completed + stats.failed == 12
+    assert 1 <= tells <= 12  # one group commit per batch of results
     assert metrics.value("simcal_storage_seconds_count", operation="other") >= 12  # tallies
     assert metrics.value("simcal_storage_seconds_sum", operation="ask") > 0
     busy = metrics.driver_busy_ratio()

@@ -158,7 +158,8 @@ class Metrics:
         self.driver_busy.labels(self.study).set_function(self.driver_busy_ratio)
         self.storage_seconds = Histogram(
             "simcal_storage_seconds",
-            "Seconds per storage operation of the driver (ask, tell, other).",
+            "Seconds per storage operation of the driver (ask; tell: one group commit per batch of "
+            "results; other).",
             ["study", "operation"],
             buckets=STORAGE_BUCKETS,
             registry=self.registry,
