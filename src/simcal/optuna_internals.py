@@ -370,8 +370,12 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
         study_id, number = self._trial_id_to_study_id_and_number[trial_id]
         return self._studies[study_id].trials[number]
 
-    def _replace(self, trial: FrozenTrial) -> None:
-        study_id, number = self._trial_id_to_study_id_and_number[trial._trial_id]
+    def _update(self, trial_id: int, **changes: Any) -> None:
+        """Replace an own trial's cached copy by one with ``changes`` (call with the lock)."""
+        trial = copy.copy(self._cached(trial_id))
+        for name, value in changes.items():
+            setattr(trial, name, value)
+        study_id, number = self._trial_id_to_study_id_and_number[trial_id]
         self._studies[study_id].trials[number] = trial
         self._version += 1
 
@@ -405,13 +409,13 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
             self._pending.setdefault(trial_id, []).append(
                 (param_name, param_value_internal, distribution)
             )
-            trial = copy.copy(self._cached(trial_id))
-            trial.params = {
-                **trial.params,
-                param_name: distribution.to_external_repr(param_value_internal),
-            }
-            trial.distributions = {**trial.distributions, param_name: distribution}
-            self._replace(trial)
+            cached = self._cached(trial_id)
+            value = distribution.to_external_repr(param_value_internal)
+            self._update(
+                trial_id,
+                params={**cached.params, param_name: value},
+                distributions={**cached.distributions, param_name: distribution},
+            )
 
     def flush(self, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
         """Write an own trial's pending parameters and ``user_attrs`` in one transaction."""
@@ -434,17 +438,13 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
             self._pending_system.pop(trial_id, None)
             for name, _, distribution in pending:
                 known.setdefault(name, distribution)
-            trial = copy.copy(self._cached(trial_id))
-            trial.user_attrs = {**trial.user_attrs, **user_attrs}
-            self._replace(trial)
+            self._update(trial_id, user_attrs={**self._cached(trial_id).user_attrs, **user_attrs})
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         super().set_trial_user_attr(trial_id, key, value)
         if trial_id in self._own:
             with self._lock:
-                trial = copy.copy(self._cached(trial_id))
-                trial.user_attrs = {**trial.user_attrs, key: value}
-                self._replace(trial)
+                self._update(trial_id, user_attrs={**self._cached(trial_id).user_attrs, key: value})
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         if trial_id not in self._own:
@@ -454,17 +454,15 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
                 self._pending_system.setdefault(trial_id, {})[key] = value
             # else: TPE's note of the parameters for other processes before they are stored;
             # flush stores the parameters themselves in the trial's next transaction
-            trial = copy.copy(self._cached(trial_id))
-            trial.system_attrs = {**trial.system_attrs, key: value}
-            self._replace(trial)
+            attrs = {**self._cached(trial_id).system_attrs, key: value}
+            self._update(trial_id, system_attrs=attrs)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, value: float) -> None:
         super().set_trial_intermediate_value(trial_id, step, value)
         if trial_id in self._own:
             with self._lock:
-                trial = copy.copy(self._cached(trial_id))
-                trial.intermediate_values = {**trial.intermediate_values, step: value}
-                self._replace(trial)
+                values = {**self._cached(trial_id).intermediate_values, step: value}
+                self._update(trial_id, intermediate_values=values)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Any = None) -> bool:
         try:
@@ -489,12 +487,13 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
             if trial_id not in self._own:
                 return  # another driver's trial: the next read brings it
             self._own.discard(trial_id)
-            trial = copy.copy(self._cached(trial_id))
-            trial.state = state
-            trial.values = values
-            trial.user_attrs = {**trial.user_attrs, **attrs}
-            trial.datetime_complete = completed
-            self._replace(trial)
+            self._update(
+                trial_id,
+                state=state,
+                values=values,
+                user_attrs={**self._cached(trial_id).user_attrs, **attrs},
+                datetime_complete=completed,
+            )
 
     def forget(self, trial_id: int, *, own: bool = False) -> None:
         """Read one trial from the database into the cache (another driver changed it)."""
