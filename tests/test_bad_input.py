@@ -25,7 +25,7 @@ import optuna
 import pytest
 import yaml
 from distributed import Client
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from optuna.trial import TrialState
 
@@ -138,6 +138,13 @@ def _write(directory: Path, document: object) -> Path:
     return path
 
 
+def _as_read(key: object) -> str:
+    """A key as YAML reads it back: PyYAML writes a key holding a YAML line break (NEL,
+    U+2028) unquoted, and reads it back folded into a space, so the error names that."""
+    (read,) = yaml.safe_load(yaml.safe_dump({key: 0}, allow_unicode=True))
+    return str(read)
+
+
 def _check_error(error: ConfigError, touched: set[str]) -> None:
     message = str(error)
     assert message.startswith("invalid config:"), message
@@ -151,6 +158,7 @@ def _check_error(error: ConfigError, touched: set[str]) -> None:
 
 @settings(max_examples=300, **SETTINGS)
 @given(case=documents())
+@example(case=({**BASE, "\x85": None}, {"\x85"}))  # found in CI: a key YAML reads back as " "
 def test_any_document_is_a_config_or_an_error_naming_the_field(
     workdir: Path, case: tuple[dict[Any, Any], set[str]]
 ) -> None:
@@ -159,7 +167,7 @@ def test_any_document_is_a_config_or_an_error_naming_the_field(
     try:
         config = load_config(path)
     except ConfigError as error:
-        _check_error(error, touched)
+        _check_error(error, touched | {_as_read(key) for key in touched})
     else:
         assert isinstance(config, CalibrationConfig)
         for spec in config.parameters.values():
