@@ -2,7 +2,7 @@
 
 simcal relies on Optuna internals for speed in two places, and nowhere else:
 
-- **The driver's storage path** (:class:`DriverStorage`, :func:`ask`, :func:`write_final`,
+- **The driver's storage path** (:class:`DriverStorage`, :func:`ask`, :func:`write_finals`,
   :func:`count_trials`, :func:`running_owners`): Optuna's RDB storage API below its public
   ``Study``/``Trial`` methods, so that an ask writes its parameters and owner in one
   transaction, a tell its attributes and state in one, the budget is two ``COUNT``s, and the
@@ -165,23 +165,6 @@ def upsert_user_attrs(
 
 
 Final = tuple["optuna.Trial | FrozenTrial", "list[float] | None", TrialState, Mapping[str, Any]]
-
-
-def write_final(
-    study: Study,
-    trial: optuna.Trial | FrozenTrial,
-    values: list[float] | None,
-    state: TrialState,
-    attrs: Mapping[str, Any],
-) -> None:
-    """Write ``attrs``, the values and the final state in one transaction (RDB storage).
-
-    Raises ``UpdateFinishedTrialError`` if the trial is already finished (another driver
-    claimed it); the driver's cache then learns the stored state."""
-    if not write_finals(study, [(trial, values, state, attrs)])[0]:
-        raise optuna.exceptions.UpdateFinishedTrialError(
-            f"Trial#{trial.number} has already finished and can not be updated."
-        )
 
 
 def write_finals(study: Study, finals: Sequence[Final]) -> list[bool]:
@@ -500,7 +483,7 @@ class DriverStorage(_Base):  # type: ignore[misc, valid-type]
         attrs: Mapping[str, Any],
         completed: datetime | None,
     ) -> None:
-        """An own trial was told (:func:`write_final`): update the cached copy."""
+        """An own trial was told (:func:`write_finals`): update the cached copy."""
         with self._lock:
             if trial_id not in self._own:
                 return  # another driver's trial: the next read brings it

@@ -174,22 +174,18 @@ def _final(
     return values, state
 
 
-def _tell_once(
+def _tell_public(
     study: optuna.Study,
     trial: optuna.Trial | FrozenTrial,
     value: float | None,
     state: TrialState,
     attrs: Mapping[str, Any],
 ) -> None:
-    """Write ``attrs`` and the final state (and value) in one transaction (RDB storage), or
-    through Optuna's API otherwise. Raises ``UpdateFinishedTrialError`` if already finished."""
-    if internals.rdb(study) is None:
-        for key, item in attrs.items():
-            internals.set_trial_user_attr(study, internals.trial_id(trial), key, item)
-        study.tell(trial.number, value, state=None if state == TrialState.COMPLETE else state)
-        return
-    values, state = _final(trial, value, state)
-    internals.write_final(study, trial, values, state, attrs)
+    """Tell through Optuna's API (storages other than RDB, an unverified Optuna). Raises
+    ``UpdateFinishedTrialError`` if already finished."""
+    for key, item in attrs.items():
+        internals.set_trial_user_attr(study, internals.trial_id(trial), key, item)
+    study.tell(trial.number, value, state=None if state == TrialState.COMPLETE else state)
 
 
 def _told_by_us(
@@ -217,6 +213,8 @@ def tell(
     and then lost its connection before hearing so: told by us.
     """
     attrs = dict(attrs or {})
+    if internals.rdb(study) is not None:  # one transaction: a group commit of one
+        return tell_many(study, [Told(trial, value, state, attrs)], what=what)[0]
     if state == TrialState.COMPLETE and value is None:
         raise ValueError("a completed trial needs a value")
     attempts = 0
@@ -225,7 +223,7 @@ def tell(
         nonlocal attempts
         attempts += 1
         try:
-            _tell_once(study, trial, value, state, attrs)
+            _tell_public(study, trial, value, state, attrs)
         except optuna.exceptions.UpdateFinishedTrialError:
             if attempts > 1 and _told_by_us(study, trial, attrs):
                 return True
