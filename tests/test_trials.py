@@ -190,6 +190,33 @@ def test_lease_grace_must_span_two_renewals() -> None:
     assert demo_config({"lease_interval": 1, "lease_grace": 2}).lease_grace == 2
 
 
+def test_every_optuna_the_package_admits_is_verified() -> None:
+    """pyproject.toml bounds optuna to the releases VERIFIED_OPTUNA lists: a plain
+    `pip install .` can resolve to no release that takes Optuna's public (slow) paths, and
+    admits every verified one."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from simcal.optuna_internals import VERIFIED_OPTUNA
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    (optuna_req,) = [Requirement(d) for d in dependencies if Requirement(d).name == "optuna"]
+    releases = sorted(tuple(int(p) for p in v.split(".")) for v in VERIFIED_OPTUNA)
+    for major, minor in releases:
+        assert optuna_req.specifier.contains(f"{major}.{minor}.0"), (major, minor)
+        assert optuna_req.specifier.contains(f"{major}.{minor}.9"), (major, minor)
+    newest = releases[-1]
+    for unverified in (f"{newest[0]}.{newest[1] + 1}.0", f"{newest[0] + 1}.0.0"):
+        assert not optuna_req.specifier.contains(unverified), unverified
+    oldest = releases[0]
+    if oldest[1] > 0:
+        assert not optuna_req.specifier.contains(f"{oldest[0]}.{oldest[1] - 1}.0")
+    else:
+        assert not optuna_req.specifier.contains(f"{oldest[0] - 1}.99.0")
+
+
 def test_an_unverified_optuna_takes_the_public_storage_path(
     study: optuna.Study, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from simcal.config import CalibrationConfig
 from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
+from simcal.optuna_internals import describe_fast_path, fast_path
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.samplers import make_sampler, run_seed
@@ -190,13 +191,16 @@ class Calibration:
         self._reseed()
         self._count()
         self._init_best()
+        paths = fast_path(self.study)
+        self.metrics.set_fast_path(paths["storage"], paths["sampler"])
         log.info(
-            "study %s: %d of %d trials already done; mode %s, sampler %s",
+            "study %s: %d of %d trials already done; mode %s, sampler %s; %s",
             self.config.study,
             self._counted,
             self.config.max_trials,
             self.config.mode,
             self.config.sampler,
+            describe_fast_path(paths),
         )
         try:
             with self.progress:

@@ -53,8 +53,10 @@ log = logging.getLogger(__name__)
 
 # Optuna releases (major.minor) verified against: tests/test_samplers.py compares
 # CachedTPESampler's suggestions with TPESampler's, tests/test_trials.py and
-# tests/test_multi_driver.py run the storage path. Add a release only after they pass on it.
-VERIFIED_OPTUNA = ("5.0",)
+# tests/test_multi_driver.py run the storage path. Add a release only after they pass on it,
+# and move pyproject.toml's bound on optuna with it (tests/test_trials.py checks the two agree):
+# a plain `pip install .` must never resolve to a release that takes the public paths.
+VERIFIED_OPTUNA = ("5.0", "5.1")
 # The private members CachedTPESampler relies on: of a TPESampler, of a Study.
 TPE_INTERNALS = (
     "_sample",
@@ -764,3 +766,44 @@ def cached_tpe_verified(version: str | None = None) -> bool:
         ", ".join(VERIFIED_OPTUNA),
     )
     return False
+
+
+# -- which path a run takes -----------------------------------------------------------------------
+
+
+def fast_path(study: Study) -> dict[str, Any]:
+    """Which storage and sampler path a run of ``study`` takes: the run's summary, its first
+    progress line and ``simcal_build_info`` report it (a slower path is never silent).
+
+    ``storage``: the driver's RDB path (one transaction per ask and per batch of tells, COUNT
+    tallies, its own cache), or Optuna's public one (another storage, an unverified Optuna).
+    ``sampler``: False only when a TPE study runs Optuna's ``TPESampler`` instead of
+    :class:`CachedTPESampler` (other samplers have no cached variant to miss)."""
+    version = optuna.__version__
+    unverified = f"Optuna {version} not verified (verified: {', '.join(VERIFIED_OPTUNA)})"
+    storage = rdb(study) is not None
+    if storage:
+        storage_path = "simcal-rdb"
+    else:
+        backend = getattr(study._storage, "_backend", study._storage)
+        why = unverified if isinstance(backend, RDBStorage) else type(backend).__name__
+        storage_path = f"optuna-public ({why})"
+    sampler = study.sampler
+    slow_tpe = isinstance(sampler, TPESampler) and not isinstance(sampler, CachedTPESampler)
+    sampler_path = type(sampler).__name__ + (f" ({unverified})" if slow_tpe else "")
+    return {
+        "storage": storage,
+        "sampler": not slow_tpe,
+        "storage_path": storage_path,
+        "sampler_path": sampler_path,
+        "optuna": version,
+    }
+
+
+def describe_fast_path(paths: Mapping[str, Any]) -> str:
+    """One log-line phrase for :func:`fast_path`'s answer."""
+    line = f"fast_path storage={str(paths['storage']).lower()} "
+    line += f"sampler={str(paths['sampler']).lower()}"
+    if not (paths["storage"] and paths["sampler"]):
+        line += f" (SLOWER PATH: storage {paths['storage_path']}, sampler {paths['sampler_path']})"
+    return line
