@@ -41,6 +41,7 @@ from simcal.trials import (
     RETRY_OF,
     SURPLUS,
     DriverLease,
+    LeaseObserver,
     Tally,
     Told,
     ask,
@@ -154,6 +155,7 @@ class Calibration:
         self._host = driver_host()
         self._stats.run_id, self._stats.host = service.run_id, self._host
         self._last_recovery = -math.inf
+        self._observer = LeaseObserver()  # other drivers' leases, aged on our monotonic clock
         self._stop_requested = threading.Event()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -355,7 +357,11 @@ class Calibration:
         self._last_recovery = now
         with self._storage("other"):
             recovered = recover_stale(
-                self.study, self.service.run_id, self.config.lease_grace, self._distributions
+                self.study,
+                self.service.run_id,
+                self.config.lease_grace,
+                self._distributions,
+                self._observer,
             )
         if recovered:
             self._stats.recovered += len(recovered)
