@@ -19,6 +19,8 @@ DESIGN = {  # name -> (type, labels besides the histogram's own)
     "simcal_min_workers": ("gauge", {"study"}),
     "simcal_worker_utilization_ratio": ("gauge", {"study"}),
     "simcal_best_loss": ("gauge", {"study"}),
+    "simcal_driver_busy_ratio": ("gauge", {"study"}),
+    "simcal_storage_seconds": ("histogram", {"study", "operation"}),
     "simcal_build_info": (
         "gauge",
         {"version", "python", "dask", "distributed", "optuna"}
