@@ -74,7 +74,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``simcal bench``: run the benchmark suite and write JSON, markdown and PNG."""
-    from simcal.bench.report import to_markdown, write_outputs
+    from simcal.bench.markdown import to_markdown, write_outputs
     from simcal.bench.suite import PRESETS, run_suite
 
     for name in QUIET_LOGGERS:

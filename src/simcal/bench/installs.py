@@ -24,7 +24,7 @@ import sys
 import tempfile
 from typing import Any
 
-from simcal.bench.report import markdown_table
+from simcal.bench.markdown import markdown_table
 
 log = logging.getLogger(__name__)
 
