@@ -54,7 +54,10 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         "--installs",
         help="compare Python environments instead of the suite, paired: a comma list of "
         "name=/path/to/python (e.g. pinned=.venv/bin/python,plain=/var/tmp/simcal-newest-optuna"
-        "/bin/python); streaming, W=8, R=5, d=0.05 s, default storage, 3 rounds",
+        "/bin/python); streaming, W=8, R=5, d=0.05 s, default storage",
+    )
+    bench.add_argument(
+        "--rounds", type=positive_int, default=3, help="--installs: rounds (default: 3)"
     )
     bench.add_argument(
         "--scale",
@@ -140,7 +143,7 @@ def _compare_installs(args: argparse.Namespace) -> int:
             installs, workers=2, duration=0.05, replicates=2, seconds=1.5, rounds=1
         )
     else:
-        result = compare_installs(installs)
+        result = compare_installs(installs, rounds=args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "installs.json").write_text(json.dumps(result, indent=2) + "\n")
     text = installs_markdown(result)
