@@ -15,10 +15,10 @@ from simcal.config import validate_config
 from simcal.driver import Calibration, RunStats, auto_in_flight
 from simcal.metrics import Metrics
 from simcal.models.seir import TRUE_PARAMS
-from simcal.report import summarize
 from simcal.samplers import make_sampler
 from simcal.service import SimulationService
 from simcal.storage import open_study
+from simcal.summary import summarize
 from simcal.trials import FAIL_REASON
 
 SYNTHETIC: dict[str, Any] = {

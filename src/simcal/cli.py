@@ -174,10 +174,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.metrics import Metrics
     from simcal.probe import probe_cluster
     from simcal.progress import ProgressReporter
-    from simcal.report import summarize
     from simcal.samplers import make_sampler
     from simcal.service import SimulationService
     from simcal.storage import open_study
+    from simcal.summary import summarize
 
     config = resolve_study_config(
         args,
@@ -300,8 +300,8 @@ def _on_signals(stop: Any) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """``simcal results``: every stored trial as CSV or JSON."""
-    from simcal.report import format_rows, trial_rows
     from simcal.reporting.studies import load_existing_study
+    from simcal.summary import format_rows, trial_rows
 
     config = resolve_study_config(args)
     study = load_existing_study(config.storage, config.study)  # never creates a storage
