@@ -172,11 +172,11 @@ def test_the_run_says_which_path_it_took(
 ) -> None:
     """The summary, the run's first progress line and simcal_build_info say whether the fast
     storage and sampler paths ran; on an unverified Optuna (forced here) all three say not."""
-    import simcal.optuna_internals
+    import simcal.optuna_internals.guard
 
-    monkeypatch.setattr(simcal.optuna_internals, "_warned", [])
+    monkeypatch.setattr(simcal.optuna_internals.guard, "_warned", [])
     if not verified:
-        monkeypatch.setattr(simcal.optuna_internals, "VERIFIED_OPTUNA", ("4.9",))
+        monkeypatch.setattr(simcal.optuna_internals.guard, "VERIFIED_OPTUNA", ("4.9",))
     with caplog.at_level("INFO", logger="simcal"):
         study, metrics, stats = calibrate(client, tmp_path, max_trials=4, sampler="tpe")
     flag = str(verified).lower()
