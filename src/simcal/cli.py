@@ -171,6 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``simcal run``: the calibration."""
     from simcal.cluster import ClusterOptions, connect
     from simcal.driver import Calibration, RunStats
+    from simcal.failfast import STOP_REASON
     from simcal.metrics import Metrics
     from simcal.probe import probe_cluster
     from simcal.progress import ProgressReporter
@@ -244,6 +245,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics.close()
         if http is not None:
             http.close()
+    if stats.stop_reason.startswith(STOP_REASON):
+        print(
+            f"simcal: error: {stats.stop_reason}; fix it and run again (`simcal results` "
+            "shows each trial's error)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_TRIAL
     if stats.completed == 0 and stats.failed:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.errors.items()))
         print(
@@ -344,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
-    from simcal.probe import ProbeError
+    from simcal.probe import ModelFailsError, ProbeError
     from simcal.storage import StorageError, StorageURLError
 
     # after importing distributed, whose own logging setup sets its level to INFO
@@ -353,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return quiet_on_broken_pipe(lambda: args.handler(args))
-    except (ConfigError, StorageURLError) as exc:
+    except (ConfigError, StorageURLError, ModelFailsError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, ClusterError, SchedulerLostError, ProbeError) as exc:

@@ -199,6 +199,8 @@ class CalibrationConfig(_Strict):
     storage: str = Field(default="sqlite:///simcal.db", min_length=1)
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
+    # that many consecutive trials failing with the same error stop the run (simcal.failfast)
+    stop_after_failures: int = Field(default=10, ge=0, le=10_000_000)
     pruning: PruningSpec | None = None
     # Several drivers on one study: each renews a lease every lease_interval seconds; another
     # driver re-enqueues the RUNNING trials of a lease older than lease_grace (simcal.trials).

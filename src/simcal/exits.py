@@ -1,7 +1,8 @@
 """Exit statuses of the ``simcal`` command, one place for every subcommand.
 
 0 done; 1 runtime failure (scheduler lost, storage unusable, the Kubernetes API refused);
-2 bad config or arguments; 3 a run that completed no trial (every trial it ran failed);
+2 bad config or arguments (also: the model fails alike for every seed at the probe); 3 a run
+that completed no trial (every trial it ran failed) or that `stop_after_failures` stopped;
 141 (128 + SIGPIPE) the reader of stdout went away, as ``simcal results | head``: quietly,
 as Unix tools do.
 """
