@@ -82,6 +82,12 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-trials", type=_positive_int, help="trial budget (overrides config)")
     run.add_argument("--mode", choices=("streaming", "batch"), help="overrides the config")
     run.add_argument("--grace-period", type=_seconds, help="seconds to finish trials on SIGTERM")
+    run.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="continue a study whose parameter ranges differ from the config's (widened on "
+        "purpose); other changes need a new study name",
+    )
     run.add_argument("--summary", type=Path, help="write the JSON summary to this file")
     run.add_argument("--metrics-port", type=_port, default=8000, help="0 disables")
     run.add_argument("--metrics-host", default="0.0.0.0", help="metrics bind address")
@@ -179,6 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.samplers import make_sampler
     from simcal.service import SimulationService
     from simcal.storage import open_study
+    from simcal.studyshape import check_shape
 
     config = resolve_study_config(
         args,
@@ -198,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_scheduler_address(scheduler, source, security)
     study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
+    check_shape(study, config, allow_change=args.allow_config_change)  # before nothing-to-do
     if _nothing_to_do(study, config):  # before a cluster is started for nothing
         _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))
         return EXIT_OK
