@@ -299,16 +299,25 @@ def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
 
 
 def _on_signals(stop: Any) -> None:
+    """SIGTERM (an eviction, ``kill``): no new trials, those in flight get the grace period.
+    SIGINT (Ctrl-C in the terminal): stop now, as a CLI should: tell what has finished and
+    re-enqueue the rest (the local workers ignore it: :mod:`simcal.workersignals`)."""
     signals = []
 
     def handler(signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if signals:
             log.warning("%s again: stopping now; unfinished trials are re-enqueued", name)
+        elif signum == signal.SIGINT:
+            log.warning(
+                "%s: stopping now: finished trials are told, those in flight re-enqueued "
+                "for the next run", name,
+            )
         else:
             log.warning("%s: no new trials; finishing those in flight (again: stop now)", name)
+        now = bool(signals) or signum == signal.SIGINT
         signals.append(signum)
-        stop("signal")
+        stop("signal", now=now)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -369,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return quiet_on_broken_pipe(lambda: args.handler(args))
+    except KeyboardInterrupt:  # Ctrl-C before a run's own handler is installed (or elsewhere)
+        print("simcal: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ConfigError, StorageURLError, ModelFailsError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

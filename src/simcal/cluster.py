@@ -226,6 +226,10 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
         yield client
 
 
+# Preloaded in every local worker process: it ignores the terminal's Ctrl-C (the driver stops it).
+WORKER_PRELOAD = "simcal.workersignals"
+
+
 def _local_cluster(options: ClusterOptions) -> LocalCluster:
     return LocalCluster(
         n_workers=options.workers,
@@ -235,4 +239,5 @@ def _local_cluster(options: ClusterOptions) -> LocalCluster:
         memory_limit=options.worker_memory_limit or "auto",
         security=options.security,
         host="127.0.0.1",
+        preload=[WORKER_PRELOAD],
     )

@@ -167,9 +167,12 @@ class Calibration:
 
     # -- public -------------------------------------------------------------------------------
 
-    def request_stop(self, reason: str = "signal") -> None:
-        """Stop asking; tell what finishes within the grace period (safe from signal handlers)."""
-        if self._stop_requested.is_set():
+    def request_stop(self, reason: str = "signal", *, now: bool = False) -> None:
+        """Stop asking; tell what finishes within the grace period, or (``now``) only what has
+        finished, re-enqueueing the rest (safe from signal handlers)."""
+        if self._stop_requested.is_set() or now:
+            self._stop_reason = self._stop_reason or reason
+            self._stop_requested.set()
             self._grace_deadline = self._clock()  # a second request: stop now
             return
         self._stop_reason = reason
@@ -521,8 +524,7 @@ class Calibration:
             log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
             cause = self._streak.failed(reason, describe(error))
             if cause and not self._stop_requested.is_set():  # stop now: they would fail alike
-                self.request_stop(cause)
-                self._grace_deadline = self._clock()
+                self.request_stop(cause, now=True)
 
         self._tell(Told(run.trial, state=TrialState.FAIL, attrs=attrs), told)
 
