@@ -171,6 +171,26 @@ def check_storage_backend(url: str) -> str:
     return url
 
 
+def resolve_sqlite_path(url: str, base: Path) -> str:
+    """``url`` with a relative SQLite file path made absolute against ``base``: a config's
+    ``storage`` against the config's folder, a command line's against the current directory.
+    Other URLs (absolute paths, in-memory, PostgreSQL, unparseable ones) are left as they are."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url  # simcal.storage.open_study says what is wrong with it
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or database in (None, "", ":memory:"):
+        return url
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(Path(base, database).resolve())).render_as_string(
+        hide_password=False
+    )
+
+
 class PruningSpec(_Strict):
     """Replicate-aware pruning: judge a trial on its first replicates before running the rest."""
 
@@ -214,8 +234,9 @@ class CalibrationConfig(_Strict):
 
     @field_validator("storage")
     @classmethod
-    def _supported_backend(cls, value: str) -> str:
-        return check_storage_backend(value)
+    def _supported_backend(cls, value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")  # a config file's: its folder
+        return check_storage_backend(value if base is None else resolve_sqlite_path(value, base))
 
     @field_validator("max_in_flight")
     @classmethod
