@@ -37,6 +37,8 @@ def test_the_streak_counts_alike_failures_and_ends_on_success() -> None:
     assert streak.failed(SIM, "KeyError: 'gamma'") is None
     assert streak.failed(SIM, "KeyError: 'beta'") is None  # another error: a new streak
     assert streak.failed(FailureReason.TIMEOUT, "TimeoutError: trial exceeded") is None
+    late = "ModelImportError: worker tcp://h:1: No module named 'm'"  # one late worker's
+    assert streak.failed(FailureReason.MODEL_IMPORT, late) is None
     assert streak.failed(SIM, "KeyError: 'beta'") is None
     cause = streak.failed(SIM, "KeyError: 'beta'")
     assert cause == (

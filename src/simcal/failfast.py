@@ -5,7 +5,8 @@ by this driver fail with the same reason and the same one-line error, every late
 most likely fail the same way (a misnamed parameter, a missing data file the model reads), so
 the run stops asking (``simcal run`` exits 3 with :attr:`FailureStreak.cause`). A completed or
 pruned trial ends the streak; failures that are the cluster's rather than the model's
-(timeout, a lost worker, a cancellation) neither count nor end it. Only the error's text
+(timeout, a lost worker, a cancellation, a worker that joined without the model: the probe
+checked every worker at the start) neither count nor end it. Only the error's text
 decides "the same": an error whose message varies (a parameter value in it) never streaks.
 """
 
@@ -19,7 +20,12 @@ STOP_REASON = "stop_after_failures"
 
 # The cluster's failures, not the model's: they say nothing about the config.
 NOT_THE_MODELS = frozenset(
-    {FailureReason.TIMEOUT, FailureReason.WORKER_LOST, FailureReason.CANCELLED}
+    {
+        FailureReason.TIMEOUT,
+        FailureReason.WORKER_LOST,
+        FailureReason.CANCELLED,
+        FailureReason.MODEL_IMPORT,
+    }
 )
 
 
