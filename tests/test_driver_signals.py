@@ -223,3 +223,39 @@ def test_ctrl_c_in_a_terminal_stops_now_quietly_and_loses_nothing(tmp_path: Path
     assert sorted(t.user_attrs["retry_of"] for t in waiting) == interrupted
     this_run = json.loads(summary.read_text(encoding="utf-8"))["this_run"]
     assert this_run["stop_reason"] == "signal" and this_run["interrupted"] == 2
+
+
+def test_ctrl_c_while_the_cluster_starts_exits_130_without_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C (to the whole group) before the first trial: nothing to tell, exit 128 + 2 at
+    once, no traceback of the driver or of a worker, no process left in the group."""
+    config = write_config(tmp_path, study="early", max_trials=50, model_options={"duration": 1})
+    argv = [
+        *SIMCAL, "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+        "--dashboard-address", "127.0.0.1:0",
+    ]
+    with stopping() as procs:
+        driver = start("driver", argv, tmp_path, cwd=tmp_path)
+        procs.append(driver)
+        wait_until(lambda: driver.says("starting a local cluster"), 120, "the cluster to start")
+        # while the cluster starts a Ctrl-C is ignored (its workers must not get one): repeat
+        deadline = time.monotonic() + 120
+        while driver.alive() and time.monotonic() < deadline:
+            driver.signal(signal.SIGINT, group=True)
+            time.sleep(0.5)
+        assert driver.wait(10) == 128 + signal.SIGINT, driver.output()[-3000:]
+        wait_until(lambda: not _group_alive(driver.pid), 30, "the local workers to exit")
+    output = driver.output()
+    assert "SIGINT before the first trial: stopped, nothing to tell" in output, output[-3000:]
+    for noise in ("Traceback", "KeyboardInterrupt"):
+        assert noise not in output, output[-3000:]
+    assert stored_trials(f"sqlite:///{tmp_path / 'simcal.db'}", "early") == []
+
+
+def _group_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -21,6 +21,7 @@ from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, load_config
 from simcal.exits import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_NO_TRIAL,
     EXIT_OK,
     EXIT_USAGE,
@@ -235,6 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         security=security,
     )
     metrics.set_min_workers(options.required_workers)
+    stoppers: list[Any] = []  # the calibration's request_stop, once it exists
+    _on_signals(stoppers)
     try:
         with connect(options) as client:
             if client.dashboard_link:
@@ -242,7 +245,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             service = SimulationService(client)
             probe_cluster(service, config)  # before any trial is asked: fail fast, count none
             calibration = Calibration(config, service, study, metrics, progress=ProgressReporter())
-            _on_signals(calibration.request_stop)
+            stoppers.append(calibration.request_stop)
             stats = calibration.run()
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
         _write_summary(args, summarize(study, stats, _run_facts(config, workers)))
@@ -298,14 +301,25 @@ def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         args.summary.write_text(text + "\n", encoding="utf-8")
 
 
-def _on_signals(stop: Any) -> None:
+def _on_signals(stoppers: list[Any]) -> None:
     """SIGTERM (an eviction, ``kill``): no new trials, those in flight get the grace period.
     SIGINT (Ctrl-C in the terminal): stop now, as a CLI should: tell what has finished and
-    re-enqueue the rest (the local workers ignore it: :mod:`simcal.workersignals`)."""
+    re-enqueue the rest (the local workers ignore it: :mod:`simcal.workersignals`).
+
+    Before the calibration exists (``stoppers`` empty: the cluster starts, the probe runs) no
+    trial has been asked and nothing needs telling: the process exits at once, 128 + the
+    signal (a KeyboardInterrupt raised there could be swallowed by a callback of Dask's).
+    Local workers notice their parent is gone and exit too.
+    """
     signals = []
 
     def handler(signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
+        if not stoppers:
+            print(f"simcal: {name} before the first trial: stopped, nothing to tell",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop = stoppers[-1]
         if signals:
             log.warning("%s again: stopping now; unfinished trials are re-enqueued", name)
         elif signum == signal.SIGINT:
@@ -378,9 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return quiet_on_broken_pipe(lambda: args.handler(args))
-    except KeyboardInterrupt:  # Ctrl-C before a run's own handler is installed (or elsewhere)
+    except KeyboardInterrupt:  # Ctrl-C in another subcommand
         print("simcal: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return EXIT_INTERRUPTED
     except (ConfigError, StorageURLError, ModelFailsError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
