@@ -20,7 +20,13 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        from simcal import api
+        import warnings
+
+        with warnings.catch_warnings():
+            # Optuna imports tqdm.auto, which warns in a notebook without ipywidgets; simcal
+            # draws its own progress there (simcal.notebook)
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            from simcal import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'simcal' has no attribute {name!r}")

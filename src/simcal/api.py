@@ -335,6 +335,7 @@ class Result:
     def plot_fit(self, target: str | None = None, *, top: int = 5) -> Any:
         """A matplotlib Figure of ``target``'s observed data against the best trial's
         replicates (median, 5-95 % band) and the medians of the next ``top - 1`` trials."""
+        from simcal.notebook import show_figures_inline
         from simcal.reporting.figures import completed_by_loss, draw_fit
         from simcal.targets import load_observed
 
@@ -344,7 +345,9 @@ class Result:
             raise ValueError(f"no target {target!r}; the targets are {names}")
         spec = self.config.targets[names.index(target)]
         ranked = completed_by_loss(self.study.get_trials(deepcopy=False))
-        return draw_fit(target, load_observed(spec), ranked, top)
+        figure = draw_fit(target, load_observed(spec), ranked, top)
+        show_figures_inline()
+        return figure
 
     def posterior(self, method: str = "auto", quantile: float = 0.1) -> dict[str, Any]:
         """The approximate posterior: the same method and JSON as ``simcal posterior``."""

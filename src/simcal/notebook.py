@@ -28,6 +28,27 @@ def in_notebook() -> bool:
     return type(shell).__name__ == "ZMQInteractiveShell" or "google.colab" in type(shell).__module__
 
 
+def show_figures_inline() -> None:
+    """In a notebook, have matplotlib Figures display as PNG when no format is set for them:
+    simcal draws with matplotlib's object API, so pyplot's inline backend may never have
+    registered one (a returned Figure would show as its text repr)."""
+    if not in_notebook():
+        return
+    from IPython import get_ipython
+    from IPython.core.pylabtools import select_figure_formats
+    from matplotlib.figure import Figure
+
+    shell = get_ipython()
+    formatters = shell.display_formatter.formatters
+    for kind in ("image/png", "image/svg+xml", "image/jpeg", "application/pdf"):
+        try:
+            formatters[kind].lookup_by_type(Figure)
+            return  # the user's (or pyplot's) choice stands
+        except KeyError:
+            continue
+    select_figure_formats(shell, {"png"})
+
+
 class _Line:
     """One progress line with an HTML and a plain-text form."""
 
