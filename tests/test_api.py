@@ -181,6 +181,27 @@ def test_csv_data_and_a_module_model_on_a_client_of_yours(tmp_path, small_client
     assert again.stats.completed == 0 and len(again.trials) == 6
 
 
+def test_without_a_client_a_local_cluster_is_started_and_closed_after():
+    import psutil
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    cal = simcal.Calibration(
+        model="simcal.models.synthetic:simulate",
+        parameters={"x": (0.0, 1.0), "y": (0.0, 1.0)},
+        targets=[simcal.Target("y", "simcal.models.synthetic:observed")],
+        replicates=2, max_trials=4,
+    )
+    with cal.run(workers=2, progress=False, dashboard_address="127.0.0.1:0") as result:
+        assert result.stats.completed == 4 and result.workers == 2
+    left = [
+        p for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        and "resource_tracker" not in " ".join(p.cmdline())  # multiprocessing's, for good
+    ]
+    # the cluster it started is closed, its worker processes gone
+    assert not left, [p.cmdline() for p in left]
+
+
 def test_a_lambda_model_and_inline_columns_run_by_value(small_client):
     # a lambda has no importable name: it travels by value, like a notebook's function
     model = lambda params, seed: {"y": np.full(3, params["x"])}  # noqa: E731

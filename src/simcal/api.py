@@ -313,7 +313,8 @@ class Result:
 
     @property
     def stop_reason(self) -> str | None:
-        """Why this run stopped early (``signal``: interrupted), None when it ran out."""
+        """Why this run stopped: ``max_trials``, ``max_time``, ``target_loss``, ``signal``
+        (interrupted: Ctrl-C), ..."""
         return self.stats.stop_reason
 
     @property
