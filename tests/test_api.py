@@ -217,6 +217,32 @@ def test_a_lambda_model_and_inline_columns_run_by_value(small_client):
         assert result.best_loss == pytest.approx(min(result.trials["loss"]))
 
 
+def test_a_function_from_a_local_module_is_shipped_to_workers_that_lack_it(
+    tmp_path, monkeypatch, small_client
+):
+    import importlib
+
+    (tmp_path / "api_local_model.py").write_text(
+        "import numpy as np\n\n"
+        "def simulate(params, seed):\n"
+        "    return {'y': np.full(3, params['x'])}\n",
+        encoding="utf-8",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the notebook's folder: here, not on workers
+    module = importlib.import_module("api_local_model")
+    cal = simcal.Calibration(
+        model=module.simulate,
+        parameters={"x": (0.0, 1.0)},
+        targets=[simcal.Target("y", [0.25, 0.25, 0.25])],
+        replicates=1, max_trials=3,
+    )
+    assert cal.config.model == "api_local_model:simulate"
+    with cal.run(client=small_client, progress=False) as result:
+        assert result.stats.completed == 3
+    files = small_client.run(lambda: __import__("api_local_model").__file__)
+    assert all(str(tmp_path) not in path for path in files.values()), files  # shipped copies
+
+
 def test_a_function_importable_by_name_is_kept_as_its_reference():
     from simcal.models.seir import simulate
 
