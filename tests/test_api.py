@@ -202,6 +202,20 @@ def test_without_a_client_a_local_cluster_is_started_and_closed_after():
     assert not left, [p.cmdline() for p in left]
 
 
+def test_a_client_without_enough_workers_fails_clearly(small_client):
+    from simcal.cluster import ClusterError
+
+    cal = simcal.Calibration(
+        model="simcal.models.synthetic:simulate",
+        parameters={"x": (0.0, 1.0), "y": (0.0, 1.0)},
+        targets=[simcal.Target("y", "simcal.models.synthetic:observed")],
+        min_workers=3,  # the client's cluster has 2
+    )
+    with pytest.raises(ClusterError, match="only 2 of the required 3 workers joined"):
+        cal.run(client=small_client, connect_timeout=1)
+    assert small_client.status == "running"
+
+
 def test_a_lambda_model_and_inline_columns_run_by_value(small_client):
     # a lambda has no importable name: it travels by value, like a notebook's function
     model = lambda params, seed: {"y": np.full(3, params["x"])}  # noqa: E731

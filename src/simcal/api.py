@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from simcal.cluster import ClusterOptions, connect
+from simcal.cluster import ClusterError, ClusterOptions, connect
 from simcal.config import (
     CalibrationConfig,
     ConfigError,
@@ -191,8 +191,9 @@ class Calibration:
     ) -> Result:
         """Run the calibration and return its :class:`Result`.
 
-        ``client``: a ``distributed.Client`` of any cluster (used, never closed); None starts a
-        local cluster of ``workers`` single-threaded processes and closes it after. Every
+        ``client``: a ``distributed.Client`` of any cluster (used, never closed; the run waits
+        up to ``connect_timeout`` s for the config's ``min_workers``, else one worker); None
+        starts a local cluster of ``workers`` single-threaded processes and closes it after. Every
         worker is probed first (imports the model; one call fits the targets). Ctrl-C (a
         notebook's interrupt) stops asking for trials and tells those in flight within the
         config's ``grace_period``; a second one stops at once, re-enqueueing the unfinished.
@@ -483,8 +484,18 @@ def run_facts(config: CalibrationConfig, workers: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _client(client: Any, options: ClusterOptions) -> Iterator[Any]:
-    if client is not None:
-        yield client  # the caller's: never closed here
+    if client is not None:  # the caller's: never closed here
+        # a cluster scaled a moment ago (SLURM jobs, Kubernetes pods) may have no worker yet
+        need = options.min_workers or 1
+        try:
+            client.wait_for_workers(need, timeout=options.connect_timeout)
+        except TimeoutError:
+            have = len(client.scheduler_info(n_workers=-1)["workers"])
+            raise ClusterError(
+                f"only {have} of the required {need} workers joined the client's cluster "
+                f"within {options.connect_timeout:.0f}s"
+            ) from None
+        yield client
         return
     with connect(options) as started:
         yield started
