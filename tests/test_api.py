@@ -298,6 +298,15 @@ def test_yaml_round_trip(tmp_path, monkeypatch):
     assert "storage" not in text
 
 
+def test_n_names_the_trials_column_of_a_dataframe():
+    frame = pd.DataFrame({"t": [1, 2], "cases": [3, 4], "tested": [10, 10]})
+    target = simcal.Target("cases", frame, loss="binomial_nll", n="tested")
+    assert target.observed == {"t": [1.0, 2.0], "cases": [3.0, 4.0], "n": [10.0, 10.0]}
+    assert "tested" in frame.columns  # the caller's frame is left as it was
+    with pytest.raises(ConfigError, match=r"n: 'total' names no column of \['t', 'cases'"):
+        simcal.Target("cases", frame, loss="binomial_nll", n="total")
+
+
 def test_a_main_function_cannot_be_written_to_yaml(tmp_path):
     def simulate(params, seed):  # nested: no importable name, like a notebook's function
         return np.zeros(3)

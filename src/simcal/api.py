@@ -69,15 +69,38 @@ class Parameter(ParameterSpec):
 
 
 class Target(TargetSpec):
-    """A target: ``Target(name, observed, loss="mse", **options)``; the options are the
-    YAML target's keys (``output``, ``weight``, ``align``, ``combine``, ``dispersion``, ``sd``,
-    ``start_date``)."""
+    """A target: ``Target(name, observed, loss="mse", n=None, **options)``; the options are
+    the YAML target's keys (``output``, ``weight``, ``align``, ``combine``, ``dispersion``,
+    ``sd``, ``start_date``). ``n``: the column of a DataFrame (or mapping) holding the trials
+    of a binomial loss, when it is not named ``n``."""
 
-    def __init__(self, name: str, observed: Any, loss: str = "mse", **options: Any) -> None:
+    def __init__(
+        self, name: str, observed: Any, loss: str = "mse", n: str | None = None, **options: Any
+    ) -> None:
+        if n is not None and n != "n":
+            observed = _renamed(name, observed, n)
         try:
             super().__init__(name=name, observed=observed, loss=loss, **options)
         except ValidationError as exc:
             raise ConfigError(describe_validation(exc, f"target {name!r}")) from None
+
+
+def _renamed(name: str, observed: Any, column: str) -> Any:
+    """``observed`` (a DataFrame or mapping) with its ``column`` named ``n``."""
+    if hasattr(observed, "columns"):  # a DataFrame
+        keys = [str(key) for key in observed.columns]
+    elif isinstance(observed, Mapping):
+        keys = [str(key) for key in observed]
+    else:
+        problem = "applies to a DataFrame or a mapping of columns"
+        raise ConfigError(f"invalid target {name!r}:\n  n: {column!r} {problem}")
+    if column not in keys:
+        raise ConfigError(f"invalid target {name!r}:\n  n: {column!r} names no column of {keys}")
+    if "n" in keys:
+        raise ConfigError(f"invalid target {name!r}:\n  n: there is a column 'n' already")
+    if hasattr(observed, "columns"):
+        return observed.rename(columns={column: "n"})
+    return {("n" if key == column else key): value for key, value in observed.items()}
 
 
 def _parameter(name: str, spec: Any) -> Any:
