@@ -278,5 +278,6 @@ def test_a_count_above_n_fails_the_trial_naming_the_point(tmp_path: Path) -> Non
         goal.evaluate([replicate(t=[0, 1], cases=[3, 12])])
     own = objective(tmp_path, "t,cases,n\n0,3,10\n", loss="binomial_nll",
                     simulated="count", n_output="people")
-    with pytest.raises(ModelOutputError, match=r"n from model output 'people'\), got count 1 of n 0"):
+    with pytest.raises(ModelOutputError,
+                       match=r"n from model output 'people'\), got count 1 of n 0"):
         own.evaluate([replicate(t=[0], cases=[1], people=[0])])
