@@ -185,7 +185,7 @@ def fit_axes(
         where = np.arange(scale.observed.size)
         axis = "position in the output" + (
             " (the study stored no model times)" if observed.times is not None else "")
-    ax.plot(where, scale.observed, "o", color=OBSERVED_COLOUR, markersize=5,
+    ax.plot(where, scale.observed, "o", color=OBSERVED_COLOUR, markersize=6.5,
             markeredgecolor="white", markeredgewidth=0.8, zorder=5, label="observed")
     ax.set_xlabel(axis)
     ax.set_ylabel(scale.label)

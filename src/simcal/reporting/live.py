@@ -1,8 +1,9 @@
 """The live report of a running calibration, drawn by a renderer process that a background
 thread drives (never in the driver loop, never holding the driver's GIL).
 
-It is always there: a first page at once, the next as soon as the first trials complete,
-then at most every ``interval`` seconds while someone asks for it. Each page is drawn into a
+It is always there: the renderer starts with the run, draws the first page with results as
+soon as the first trials complete (or the study so far when someone asks before), then at
+most every ``interval`` seconds while someone asks for it. Each page is drawn into a
 fresh folder and swapped in whole when it is complete, so a page being drawn (or failing)
 never blanks the last one; the renderer draws its first pages at normal priority (a page
 within seconds even on a loaded machine), then at ``nice 10``."""
@@ -82,12 +83,8 @@ class LiveReport:
         self._wanted.set()
 
     def _loop(self) -> None:
-        self.generate(early=True)  # at once: the study so far, even if no trial finished yet
         if self._completed is not None:
-            while not self._stop.wait(EARLY_POLL):
-                if self._completed() > 0:  # the first results: show them without waiting
-                    self.generate(early=True)
-                    break
+            self._early()
         while not self._stop.is_set():
             self._wanted.wait()
             wait = self._last + self.interval - time.monotonic()
@@ -95,6 +92,21 @@ class LiveReport:
                 return
             self._wanted.clear()
             self.generate()
+
+    def _early(self) -> None:
+        """The renderer starts with the run (its imports done before a page is wanted) and
+        draws the first page with results as soon as there are any, without waiting for a
+        request or the interval; someone looking before that gets the study so far."""
+        with contextlib.suppress(OSError):
+            self._start_renderer()
+        while not self._stop.is_set():
+            if self._completed is not None and self._completed() > 0:
+                self.generate(early=True)
+                return
+            if self._wanted.is_set() and self._current is None:
+                self._wanted.clear()
+                self.generate(early=True)
+            self._stop.wait(EARLY_POLL)
 
     def generate(self, *, early: bool = False) -> None:
         """Have the renderer process draw the report now into a new folder and swap it in
@@ -105,6 +117,8 @@ class LiveReport:
         docs/performance.md). This thread only waits on the pipe. ``early`` pages are drawn
         at the renderer's normal priority, later ones at ``nice 10``.
         """
+        if self._stop.is_set():
+            return
         wall = time.perf_counter()
         folder = self.root / f"page-{self._serial}"
         self._serial += 1
@@ -122,7 +136,8 @@ class LiveReport:
                 done = True
                 self._swap(folder)
         except (OSError, EOFError) as exc:  # the renderer died (e.g. killed); start a new one
-            log.warning("live report renderer stopped: %s", exc)
+            if not self._stop.is_set():
+                log.warning("live report renderer stopped: %s", exc)
             self._renderer = None
         finally:
             if not done:
@@ -151,18 +166,25 @@ class LiveReport:
         theirs.close()
         self._connection = ours
 
-    def close(self) -> None:
+    def close(self, *, finish: bool = False) -> None:
+        """Stop drawing and remove every page. A page being drawn is dropped (the driver's
+        exit does not wait for it), or with ``finish`` drawn to the end (to count it)."""
         self._stop.set()
         self._wanted.set()
+        if finish:
+            self._thread.join(timeout=60)
+        renderer = self._renderer
+        if renderer is not None:
+            renderer.terminate()  # only draws pages; nothing of the study is lost
+            renderer.join(timeout=10)
+            if renderer.is_alive():
+                renderer.kill()
+                renderer.join(timeout=10)
         self._thread.join(timeout=60)
-        if self._renderer is not None:
-            with contextlib.suppress(OSError):
-                assert self._connection is not None
-                self._connection.send(None)
-            self._renderer.join(timeout=10)
-            if self._renderer.is_alive():
-                self._renderer.kill()
-                self._renderer.join(timeout=10)
+        late = self._renderer  # started by a page begun just as close() was called
+        if late is not None and late is not renderer and late.is_alive():
+            late.kill()
+            late.join(timeout=10)
         self._current = self._previous = None
         shutil.rmtree(self.root, ignore_errors=True)
 
