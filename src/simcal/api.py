@@ -362,7 +362,7 @@ class Result:
         replicates (median, 5-95 % band) and the medians of the next ``top - 1`` trials."""
         from simcal.notebook import show_figures_inline
         from simcal.reporting.figures import completed_by_loss, draw_fit
-        from simcal.targets import load_observed
+        from simcal.targets import load_target_data
 
         names = [t.name for t in self.config.targets]
         target = names[0] if target is None and len(names) == 1 else target
@@ -370,7 +370,7 @@ class Result:
             raise ValueError(f"no target {target!r}; the targets are {names}")
         spec = self.config.targets[names.index(target)]
         ranked = completed_by_loss(self.study.get_trials(deepcopy=False))
-        figure = draw_fit(target, load_observed(spec), ranked, top)
+        figure = draw_fit(spec, load_target_data(spec), ranked, top)
         show_figures_inline()
         return figure
 

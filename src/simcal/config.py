@@ -34,6 +34,7 @@ BUILTIN_LOSSES = (
 LIKELIHOODS = BUILTIN_LOSSES[1:]  # negative log-likelihoods: summable, marginalisable
 COUNT_LIKELIHOODS = BUILTIN_LOSSES[1:5]  # need non-negative integer observed counts
 NEEDS_DISPERSION = ("beta_binomial_nll", "negative_binomial_nll")
+BINOMIAL_LOSSES = ("binomial_nll", "beta_binomial_nll")  # observed: x of n (an ``n`` column)
 
 
 class ConfigError(ValueError):
@@ -154,9 +155,22 @@ class TargetSpec(_Strict):
     dispersion: float | ParameterRef | None = None
     sd: float | ParameterRef | None = None
     start_date: str | None = None
+    # binomial_nll, beta_binomial_nll: the model gives a probability (default) or a count of n
+    simulated: Literal["probability", "count"] | None = None
+    n_output: str | None = Field(default=None, min_length=1)  # the model output holding its n
 
     @model_validator(mode="after")
     def _loss_options_fit(self) -> TargetSpec:
+        if self.simulated is not None and self.loss not in BINOMIAL_LOSSES:
+            raise ValueError(
+                f"simulated: {self.simulated} applies to {BINOMIAL_LOSSES} only, not to "
+                f"{self.loss!r} (whose model output is compared as it is)"
+            )
+        if self.n_output is not None and self.simulated != "count":
+            raise ValueError(
+                "n_output names the model output holding n for simulated: count; "
+                "set simulated: count, or drop n_output"
+            )
         for name in ("dispersion", "sd"):
             value = getattr(self, name)
             if isinstance(value, float) and not (math.isfinite(value) and value > 0):

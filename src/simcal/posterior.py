@@ -123,12 +123,7 @@ def posterior(
         )
         summary[name] = {"median": q50, "ci50": [q25, q75], "ci90": [q05, q95]}
     warnings = []
-    if ess < LOW_ESS:
-        warnings.append(
-            f"effective sample size {ess:.1f} < {LOW_ESS:.0f}: intervals are unreliable; "
-            "run more trials (or a random sampler) before trusting them"
-        )
-    return {
+    result = {
         "method": method,
         "method_description": DESCRIPTIONS[method].format(quantile=quantile),
         "trials_proposed": len(proposals),
@@ -137,6 +132,24 @@ def posterior(
         "parameters": summary,
         "warnings": warnings,
     }
+    if ess < LOW_ESS:
+        more = more_trials_needed(ess, int(completed.sum()))
+        result["more_trials_needed"] = more
+        warnings.append(
+            f"effective sample size {ess:.1f} < {LOW_ESS:.0f}: intervals are unreliable; "
+            f"about {more} more trials are needed (estimate: the ESS grows in proportion to "
+            f"completed trials at this study's rate, {ess / completed.sum():.3g} per trial; "
+            "an optimizer that narrows its proposals, like TPE, grows it more slowly, "
+            "sampler: random does not)"
+        )
+    return result
+
+
+def more_trials_needed(ess: float, completed: int, wanted: float = LOW_ESS) -> int:
+    """Completed trials still needed for an ESS of ``wanted``, if the ESS keeps growing in
+    proportion to completed trials (``ess / completed`` per trial, as for independent
+    proposals from a fixed distribution)."""
+    return max(math.ceil(completed * wanted / max(ess, 1e-9)) - completed, 1)
 
 
 DESCRIPTIONS = {
@@ -226,6 +239,17 @@ def cmd_posterior(args: argparse.Namespace) -> int:
     except PosteriorError as exc:
         print(f"simcal: error: study {config.study!r}: {exc}", file=sys.stderr)
         return 1
+    if "more_trials_needed" in result:
+        from simcal.trials import counted_trials
+
+        total = counted_trials(study) + result["more_trials_needed"]
+        again = ["simcal", "run"] + (["--config", str(args.config)] if args.config else [])
+        again += (["--study", args.study] if args.study else []) + ["--max-trials", str(total)]
+        result["continue_with"] = " ".join(again)
+        result["warnings"].append(
+            f"`{result['continue_with']}` continues this same study up to {total} trials "
+            "(--max-trials counts the trials it already has), then run simcal posterior again"
+        )
     for warning in result["warnings"]:
         log.warning("%s", warning)
     text = json.dumps(result, indent=2)

@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simcal.config import BUILTIN_LOSSES, CalibrationConfig
 from simcal.failures import (
     FailureReason,
@@ -260,5 +262,28 @@ def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
     return {
         "parameters": params,
         "outputs": {key or "<array>": list(a.shape) for key, a in output.outputs.items()},
+        "summary": summarize_outputs(output.outputs),
         "seconds": round(output.seconds, 4),
     }
+
+
+FIRST_VALUES = 5
+
+
+def summarize_outputs(outputs: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Each output in one line: shape, min, max and its first values (not every value)."""
+    lines = {}
+    for key, array in outputs.items():
+        flat = np.ravel(array)
+        first = ", ".join(f"{v:.6g}" for v in flat[:FIRST_VALUES])
+        more = ", ..." if flat.size > FIRST_VALUES else ""
+        finite = flat[np.isfinite(flat)]
+        span = (f"min {finite.min():.6g}, max {finite.max():.6g}" if finite.size
+                else "no finite value")
+        nonfinite = flat.size - finite.size
+        lines[key or "<array>"] = (
+            f"shape {tuple(array.shape)}, {span}"
+            + (f" ({nonfinite} not finite)" if nonfinite else "")
+            + f", first {first}{more}"
+        )
+    return lines

@@ -358,6 +358,8 @@ class Objective:
     custom: LossFunction | str | None = None  # a ``module:callable`` reference, or a function
     dispersion: float | ParameterRef | None = None
     sd: float | ParameterRef | None = None
+    simulated: str = "probability"  # binomial family: "count" is a count of n, made x / n
+    n_output: str | None = None  # the model output holding n (else the data's ``n``)
 
     def bind(self, params: Mapping[str, float]) -> Objective:
         """This objective with its calibrated loss parameters taken from ``params``."""
@@ -370,26 +372,71 @@ class Objective:
 
     def __call__(self, simulated: np.ndarray, observed: np.ndarray) -> float:
         """The old loss signature (stacked replicates, observed values), for direct callers."""
-        return self._loss(np.asarray(simulated, dtype=np.float64))
+        stacked = np.asarray(simulated, dtype=np.float64)
+        if self.counts:
+            stacked = np.stack([self._probability(s, self.observed.n, "the data's 'n'")
+                                for s in stacked])
+        return self._loss(stacked)
+
+    @property
+    def counts(self) -> bool:
+        """Whether the model gives a count of n (``simulated: count``), not a probability."""
+        return self.simulated == "count"
 
     def evaluate(self, replicates: Sequence[Any]) -> float:
         """The loss of replicates (objects with ``.outputs``), aligned to the observed times."""
-        stacked = np.stack([self._aligned(r.outputs) for r in replicates])
+        stacked = np.stack([self._compared(r.outputs) for r in replicates])
         return self._loss(stacked)
 
-    def _aligned(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        if self.output_key in outputs:
-            values = outputs[self.output_key]
-        elif "" in outputs:
-            values = outputs[""]
-        else:
-            raise ModelOutputError(
-                f"model output has no {self.output_key!r}; it has {sorted(outputs)}"
-            )
+    def _compared(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One replicate as the loss compares it: aligned, a count turned into x / n."""
+        values = self._aligned(outputs, self.output_key)
+        if not self.counts:
+            return values
+        if self.n_output is None:
+            return self._probability(values, self.observed.n, "the data's 'n'")
+        n = self._aligned(outputs, self.n_output)
+        return self._probability(values, n, f"model output {self.n_output!r}")
+
+    def _probability(self, counts: np.ndarray, n: np.ndarray | None, source: str) -> np.ndarray:
+        assert n is not None, "binomial data has an 'n' (checked when loaded)"
+        return likelihoods.probability_of_counts(
+            self.target, counts, n, list(self.observed.labels), source
+        )
+
+    def fit_series(
+        self, outputs: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One replicate's whole output as the fit figure shows it, and its times (None for
+        data without times): a count of the model's own ``n_output`` as the proportion x / n,
+        anything else as the model returned it."""
+        values = self._output(outputs, self.output_key)
+        if self.counts and self.n_output is not None:
+            n = self._output(outputs, self.n_output)
+            if n.shape == values.shape:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values = values / n
+        if self.observed.times is None:
+            return values, None
+        times = outputs.get(TIME_KEY)
+        if times is None:
+            times = np.arange(values.shape[0], dtype=np.float64)  # t = 0, 1, 2, ...
+        return values, times if times.shape == values.shape else None
+
+    def _output(self, outputs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+        if key in outputs:
+            return outputs[key]
+        if "" in outputs and key == self.output_key:
+            return outputs[""]
+        raise ModelOutputError(f"model output has no {key!r}; it has {sorted(outputs)}")
+
+    def _aligned(self, outputs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+        values = self._output(outputs, key)
         if self.observed.times is None:
             if values.shape != self.observed.values.shape:
+                what = "model output" if key == self.output_key else f"model output {key!r}"
                 raise ModelOutputError(
-                    f"target {self.target!r}: model output has shape {values.shape}, "
+                    f"target {self.target!r}: {what} has shape {values.shape}, "
                     f"observed data has shape {self.observed.values.shape}"
                 )
             return values
@@ -398,7 +445,7 @@ class Objective:
             times = np.arange(values.shape[0], dtype=np.float64)  # t = 0, 1, 2, ...
         if values.ndim != 1 or times.shape != values.shape:
             raise ModelOutputError(
-                f"target {self.target!r}: model output {self.output_key!r} has shape "
+                f"target {self.target!r}: model output {key!r} has shape "
                 f"{values.shape} and 't' has shape {times.shape}; both must be 1-D, equal"
             )
         return values[align_indices(times, self.observed, self.align, self.target)]
@@ -445,4 +492,6 @@ def make_objective(target: TargetSpec) -> Objective:
         custom=None if target.loss in BUILTIN_LOSSES else target.loss,
         dispersion=target.dispersion,
         sd=target.sd,
+        simulated=target.simulated or "probability",
+        n_output=target.n_output,
     )
