@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO, require, run_simcal, write_config
 from processes import assert_no_loss, stored_trials
 from slurm import NODE, Slurm, missing_tools, slurm_cluster
