@@ -169,6 +169,21 @@ def study_proposals(study: Any) -> list[Proposal]:
     ]
 
 
+def study_posterior(
+    study: Any, config: CalibrationConfig, *, method: str = "auto", quantile: float = 0.1
+) -> dict[str, Any]:
+    """``simcal posterior``'s JSON for a study: the method ``auto`` picks, the intervals and
+    the warnings that apply to the config's targets (raises :class:`PosteriorError`)."""
+    method = choose_method(config, method)
+    result = posterior(study_proposals(study), config.parameters, method=method, quantile=quantile)
+    result = {"study": config.study, **result}
+    if method == "importance" and any(t.loss not in LIKELIHOODS for t in config.targets):
+        result["warnings"].append("a target's loss is not a likelihood: read exp(-loss) with care")
+    if method == "importance" and any(t.weight != 1 for t in config.targets):
+        result["warnings"].append("target weights != 1 temper the likelihood (docs/posterior.md)")
+    return result
+
+
 # -- the command ---------------------------------------------------------------------------------
 
 
@@ -206,19 +221,11 @@ def cmd_posterior(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {str(args.out)!r}: directory does not exist")
     # never creates a database file; a missing study exits 2 listing the studies there
     study = load_existing_study(config.storage, config.study)
-    method = choose_method(config, args.method)
     try:
-        result = posterior(
-            study_proposals(study), config.parameters, method=method, quantile=args.quantile
-        )
+        result = study_posterior(study, config, method=args.method, quantile=args.quantile)
     except PosteriorError as exc:
         print(f"simcal: error: study {config.study!r}: {exc}", file=sys.stderr)
         return 1
-    result = {"study": config.study, **result}
-    if method == "importance" and any(t.loss not in LIKELIHOODS for t in config.targets):
-        result["warnings"].append("a target's loss is not a likelihood: read exp(-loss) with care")
-    if method == "importance" and any(t.weight != 1 for t in config.targets):
-        result["warnings"].append("target weights != 1 temper the likelihood (docs/posterior.md)")
     for warning in result["warnings"]:
         log.warning("%s", warning)
     text = json.dumps(result, indent=2)

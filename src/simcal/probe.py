@@ -63,7 +63,8 @@ def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
 def references(config: CalibrationConfig) -> list[str]:
     """The ``module:callable`` references workers import: the model and each user loss."""
     losses = [t.loss for t in config.targets if t.loss not in BUILTIN_LOSSES]
-    return list(dict.fromkeys([config.model, *losses]))
+    model = [config.model] if isinstance(config.model, str) else []  # a function: by value
+    return list(dict.fromkeys([*model, *losses]))
 
 
 LOADED_DIGEST = "__simcal_sha256__"
@@ -210,13 +211,15 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
         if classify(outcome) is FailureReason.MODEL_IMPORT or isinstance(
             outcome, ModelOutputError
         ):  # every trial would fail the same way
-            raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+            raise _fail(
+                f"one call of {config.model_label} on the cluster", [describe(outcome)], params
+            )
         # An error of the model's own at one point (or a hang, a lost worker) is what trials
         # tell, one by one; it says nothing about the setup.
         log.warning(
             "probe: one call of %s at the probe parameters failed (%s); the import check "
             "passed, so the calibration starts and each trial tells its own outcome",
-            config.model,
+            config.model_label,
             describe(outcome),
         )
         service.cancel([future])
@@ -226,7 +229,9 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
     assert isinstance(outcome, ReplicateOutput), f"unexpected probe result {outcome!r}"
     problems = check_output(config, outcome, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     log.info(
         "probe: %d worker(s) import %s; one call at the probe parameters fits every target",
         len(service.client.scheduler_info(n_workers=-1)["workers"]),
@@ -246,10 +251,12 @@ def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
             config.model, model_parameters(config, params), config.seed, config.model_options
         )
     except Exception as exc:  # the user's model: report whatever it raised
-        raise _fail(f"one call of {config.model}", [describe(exc)], params) from None
+        raise _fail(f"one call of {config.model_label}", [describe(exc)], params) from None
     problems = check_output(config, output, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     return {
         "parameters": params,
         "outputs": {key or "<array>": list(a.shape) for key, a in output.outputs.items()},

@@ -84,7 +84,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _value_column(header: list[str], target: TargetSpec, path: Path) -> str:
+def _value_column(header: list[str], target: TargetSpec, path: Path | str) -> str:
     if target.name in header:
         return target.name
     others = [c for c in header if c not in (*TIME_COLUMNS, N_COLUMN)]
@@ -121,7 +121,7 @@ def read_csv(path: Path, target: TargetSpec) -> Observed:
             times = [c for c in header if c in TIME_COLUMNS]
             if len(times) > 1:
                 raise ObservedDataError(f"{path} line 1: both 't' and 'date' columns; keep one")
-            value_column = _value_column(header, target, path)
+            _value_column(header, target, path)  # before reading rows: the header's fault first
             rows: list[tuple[int, list[str]]] = []
             for row in reader:
                 line = reader.line_num
@@ -145,30 +145,68 @@ def read_csv(path: Path, target: TargetSpec) -> Observed:
             raise ObservedDataError(f"{path}: not UTF-8 text") from None
     if not rows:
         raise ObservedDataError(f"{path}: no data rows after the header")
+    return _from_rows(header, rows, target, path)
+
+
+def _from_rows(
+    header: list[str],
+    rows: list[tuple[int, list[str]]],
+    target: TargetSpec,
+    path: Path | str,
+    row: str = "line",
+) -> Observed:
+    """Observed data from a header and its text rows (numbered: a file's lines, a table's
+    rows); every rule of the CSV format applies, messages name ``path`` and the ``row``."""
+    if len(set(header)) != len(header):
+        raise ObservedDataError(f"{path}: duplicate column names in {header}")
+    times = [c for c in header if c in TIME_COLUMNS]
+    if len(times) > 1:
+        raise ObservedDataError(f"{path}: both 't' and 'date' columns; keep one")
+    value_column = _value_column(header, target, path)
     column = {name: index for index, name in enumerate(header)}
 
     def numbers(name: str) -> np.ndarray:
-        return np.array([_number(r[column[name]], f"{path} line {ln}", name) for ln, r in rows])
+        return np.array([_number(r[column[name]], f"{path} {row} {ln}", name) for ln, r in rows])
 
     values = numbers(value_column)
-    labels = [f"{path.name} line {line}" for line, _ in rows]
+    short = path.name if isinstance(path, Path) else path
+    labels = [f"{short} {row} {line}" for line, _ in rows]
     time_values = None
     if times:
         name = times[0]
         dated = name == "date"
-        time_values = _dates(rows, column[name], path, target) if dated else numbers(name)
+        time_values = _dates(rows, column[name], path, target, row) if dated else numbers(name)
         labels = [
             f"{label} ({name}={r[column[name]]})"
             for label, (_, r) in zip(labels, rows, strict=True)
         ]
         _check_increasing(time_values, labels)
     elif target.start_date is not None:
-        raise ObservedDataError(f"{path}: start_date is set but the file has no 'date' column")
+        raise ObservedDataError(f"{path}: start_date is set but there is no 'date' column")
     n = numbers(N_COLUMN) if N_COLUMN in column else None
     return Observed(values, time_values, n, tuple(labels))
 
 
-def _dates(rows: list[tuple[int, list[str]]], index: int, path: Path, target: TargetSpec) -> Any:
+def _from_inline(target: TargetSpec) -> Observed:
+    """Observed data given in Python (a DataFrame, a mapping of columns, an array), read by
+    the CSV format's rules: rows are numbered from 1 in messages."""
+    assert not isinstance(target.observed, str)
+    header = list(target.observed)
+    columns = [target.observed[name] for name in header]
+    size = len(columns[0])
+    if size == 0:
+        raise ObservedDataError(f"{target.observed_label}: no rows")
+    rows = [(index + 1, [str(column[index]) for column in columns]) for index in range(size)]
+    return _from_rows(header, rows, target, target.observed_label, row="row")
+
+
+def _dates(
+    rows: list[tuple[int, list[str]]],
+    index: int,
+    path: Path | str,
+    target: TargetSpec,
+    row_word: str = "line",
+) -> Any:
     if target.start_date is None:
         raise ObservedDataError(
             f"{path}: a 'date' column needs the target's start_date (the date of model t=0)"
@@ -180,7 +218,7 @@ def _dates(rows: list[tuple[int, list[str]]], index: int, path: Path, target: Ta
             days.append(float((date.fromisoformat(row[index]) - origin).days))
         except ValueError:
             raise ObservedDataError(
-                f"{path} line {line}: column 'date' is not an ISO date: {row[index]!r}"
+                f"{path} {row_word} {line}: column 'date' is not an ISO date: {row[index]!r}"
             ) from None
     return np.array(days)
 
@@ -217,7 +255,7 @@ def _from_callable(target: TargetSpec) -> Observed:
 
 
 def _check_counts(target: TargetSpec, data: Observed) -> None:
-    where = target.observed
+    where = target.observed_label
     if target.loss in COUNT_LIKELIHOODS:
         bad = (data.values < 0) | (data.values != np.round(data.values))
         if bad.any():
@@ -246,10 +284,12 @@ def _at(data: Observed, index: int) -> str:
 
 def load_target_data(target: TargetSpec) -> Observed:
     """A target's observed data, read and checked against its loss (bad data: ObservedDataError)."""
-    if target.observed.lower().endswith(".csv"):
-        data = read_csv(Path(target.observed), target)
-    else:
+    if target.observed_file is not None:
+        data = read_csv(target.observed_file, target)
+    elif target.observed_reference is not None:
         data = _from_callable(target)
+    else:
+        data = _from_inline(target)
     if data.values.size == 0 or not np.all(np.isfinite(data.values)):
         raise ObservedDataError(f"target {target.name!r}: observed data is empty or not finite")
     _check_counts(target, data)

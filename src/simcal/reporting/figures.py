@@ -92,6 +92,13 @@ def fit_summary(trial: FrozenTrial, target: str) -> Mapping[str, list[float]] | 
 def fit_figure(
     target: str, observed: np.ndarray, ranked: Sequence[FrozenTrial], top: int
 ) -> bytes:
+    """:func:`draw_fit` as PNG bytes."""
+    return _png(draw_fit(target, observed, ranked, top))
+
+
+def draw_fit(
+    target: str, observed: np.ndarray, ranked: Sequence[FrozenTrial], top: int
+) -> Figure:
     """Observed data against the best trial's replicate median and 5-95 % band, and the
     medians of the next best trials (faint)."""
     if not ranked:
@@ -125,7 +132,7 @@ def fit_figure(
     ax.set_title(f"{target}: observed data and the best fit (loss {best.value:.4g})")
     _style(ax)
     ax.legend(fontsize=9, framealpha=0.9, edgecolor="none")
-    return _png(figure)
+    return figure
 
 
 def _failure_rows(ax: Axes, failed: Sequence[FrozenTrial], x_of: object) -> None:

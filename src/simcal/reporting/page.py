@@ -301,7 +301,7 @@ def render_page(
         f"<title>simcal report: {html.escape(config.study)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>Calibration report: {html.escape(config.study)}</h1>",
-        f'<p class="sub">model <code>{html.escape(config.model)}</code> · storage '
+        f'<p class="sub">model <code>{html.escape(config.model_label)}</code> · storage '
         f"<code>{html.escape(redact(storage_url))}</code> · generated "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}</p>",
         _status(config, summary, trials),
