@@ -1,4 +1,5 @@
-"""A calibration on a dask-jobqueue ``SLURMCluster`` whose workers are jobs of a real SLURM.
+"""Calibrations on a dask-jobqueue ``SLURMCluster`` whose workers are jobs of a real SLURM:
+through the Python API (``Calibration.run(client=Client(cluster))``) and ``simcal run``.
 
 The SLURM is Debian's slurm-wlm with munge, one node (this host), started by the test
 (tests/support/slurm.py). Under CI a missing SLURM or dask-jobqueue fails the test.
@@ -72,6 +73,31 @@ def assert_workers_are_slurm_jobs(slurm: Slurm, client: object) -> int:
         assert job_id in running, f"worker {address} is not in a running SLURM job: {running}"
         assert running[job_id]["name"] == "dask-worker" and running[job_id]["nodes"] == NODE
     return sum(executed for _, executed in on_workers.values())
+
+
+def test_api_calibration_completes_on_slurm_workers(
+    slurm: Slurm, slurm_client: object, tmp_path: Path
+) -> None:
+    import simcal
+
+    before = assert_workers_are_slurm_jobs(slurm, slurm_client)
+    max_trials, replicates = 24, 2
+    cal = simcal.Calibration(
+        model="simcal.models.synthetic:simulate",
+        parameters={"x": (0.0, 1.0), "y": (0.0, 1.0)},
+        targets=[simcal.Target("y", "simcal.models.synthetic:observed")],
+        replicates=replicates, max_trials=max_trials, seed=7, study="slurm-api",
+        storage=f"sqlite:///{tmp_path / 'api.db'}",
+    )
+    with cal.run(client=slurm_client, progress=False) as result:
+        assert result.stats.completed == max_trials
+        assert len(result.trials) == max_trials
+        for name, value in result.best_params.items():
+            assert abs(value - TRUTH) < 0.15, f"best {name} = {value}, truth {TRUTH}"
+    assert slurm_client.status == "running"  # a client of ours is not closed
+    assert_no_loss(stored_trials(f"sqlite:///{tmp_path / 'api.db'}", "slurm-api"), max_trials)
+    ran = assert_workers_are_slurm_jobs(slurm, slurm_client) - before
+    assert ran >= max_trials * replicates, f"SLURM workers ran {ran} tasks"
 
 
 def test_cli_calibration_completes_on_slurm_workers(
