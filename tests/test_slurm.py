@@ -27,6 +27,7 @@ TRUTH = 0.3  # the synthetic model's loss is least at every parameter = 0.3
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slurm]:
     missing = missing_tools()
     require(not missing, f"SLURM is not installed (missing {missing}): run `make system-deps`")
+    require(os.geteuid() == 0, "the test SLURM runs slurmctld and slurmd as root (SlurmUser)")
     with slurm_cluster(tmp_path_factory.mktemp("slurm")) as running:
         yield running
 
