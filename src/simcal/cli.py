@@ -163,29 +163,19 @@ def _security(args: argparse.Namespace) -> object | None:
 
 def _check_targets(config: CalibrationConfig) -> None:
     """Load every target's observed data now, so a bad file fails before anything starts."""
-    from simcal.targets import load_observed
+    from simcal.api import check_targets
 
-    for index, target in enumerate(config.targets):
-        try:
-            load_observed(target)
-        except Exception as exc:
-            raise ConfigError(
-                f"invalid config:\n  targets.{index}.observed: {type(exc).__name__}: {exc}"
-            ) from None
+    check_targets(config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``simcal run``: the calibration."""
-    from simcal.cluster import ClusterOptions, connect
-    from simcal.driver import Calibration, RunStats
+    """``simcal run``: the calibration (wired by :func:`simcal.api.drive`, as the API runs)."""
+    from simcal.api import drive, nothing_to_do, open_run_study, run_facts
+    from simcal.cluster import ClusterOptions
+    from simcal.driver import RunStats
     from simcal.failfast import STOP_REASON
     from simcal.metrics import Metrics
-    from simcal.probe import probe_cluster
-    from simcal.progress import ProgressReporter
     from simcal.report import summarize
-    from simcal.samplers import make_sampler
-    from simcal.service import SimulationService
-    from simcal.storage import open_study
     from simcal.studyshape import check_shape
 
     config = resolve_study_config(
@@ -205,10 +195,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from simcal.cluster import check_scheduler_address
 
         check_scheduler_address(scheduler, source, security)
-    study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
+    study = open_run_study(config)
     check_shape(study, config, allow_change=args.allow_config_change)  # before nothing-to-do
-    if _nothing_to_do(study, config):  # before a cluster is started for nothing
-        _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))
+    if nothing_to_do(study, config):  # before a cluster is started for nothing
+        _write_summary(args, summarize(study, RunStats(), run_facts(config, 0)))
         return EXIT_OK
     metrics = Metrics(config.study)
     http = None
@@ -239,16 +229,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     stoppers: list[Any] = []  # the calibration's request_stop, once it exists
     _on_signals(stoppers)
     try:
-        with connect(options) as client:
-            if client.dashboard_link:
-                log.info("Dask dashboard: %s", client.dashboard_link)
-            service = SimulationService(client)
-            probe_cluster(service, config)  # before any trial is asked: fail fast, count none
-            calibration = Calibration(config, service, study, metrics, progress=ProgressReporter())
-            stoppers.append(calibration.request_stop)
-            stats = calibration.run()
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        _write_summary(args, summarize(study, stats, _run_facts(config, workers)))
+        stats, workers = drive(
+            config, study, metrics, cluster=options, signals=(), stoppers=stoppers
+        )
+        _write_summary(args, summarize(study, stats, run_facts(config, workers)))
         if args.metrics_linger and args.metrics_port:
             log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
@@ -272,26 +256,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return EXIT_NO_TRIAL
     return EXIT_OK
-
-
-def _nothing_to_do(study: Any, config: CalibrationConfig) -> bool:
-    """Whether the study already has its ``max_trials``; says so if it does."""
-    from simcal.trials import counted_trials, with_retries
-
-    done = with_retries(lambda: counted_trials(study), what="count trials")
-    if done < config.max_trials:
-        return False
-    log.warning(
-        "nothing to do: study %s has %d of %d trials; raise --max-trials to continue",
-        config.study, done, config.max_trials,
-    )
-    return True
-
-
-def _run_facts(config: CalibrationConfig, workers: int) -> dict[str, Any]:
-    from simcal.storage import redact
-
-    return {"mode": config.mode, "workers": workers, "storage": redact(config.storage)}
 
 
 def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from simcal.config import BUILTIN_LOSSES, CalibrationConfig
 from simcal.failures import (
     FailureReason,
@@ -75,7 +77,8 @@ def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
 def references(config: CalibrationConfig) -> list[str]:
     """The ``module:callable`` references workers import: the model and each user loss."""
     losses = [t.loss for t in config.targets if t.loss not in BUILTIN_LOSSES]
-    return list(dict.fromkeys([config.model, *losses]))
+    model = [config.model] if isinstance(config.model, str) else []  # a function: by value
+    return list(dict.fromkeys([*model, *losses]))
 
 
 LOADED_DIGEST = "__simcal_sha256__"
@@ -222,7 +225,9 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
         if classify(outcome) is FailureReason.MODEL_IMPORT or isinstance(
             outcome, ModelOutputError
         ):  # every trial would fail the same way
-            raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+            raise _fail(
+                f"one call of {config.model_label} on the cluster", [describe(outcome)], params
+            )
         if classify(outcome) is FailureReason.SIMULATION_ERROR:
             _fail_if_every_seed_fails(service, config, params, outcome)
         # An error of the model's own at one point (or a hang, a lost worker) is what trials
@@ -230,7 +235,7 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
         log.warning(
             "probe: one call of %s at the probe parameters failed (%s); the import check "
             "passed, so the calibration starts and each trial tells its own outcome",
-            config.model,
+            config.model_label,
             describe(outcome),
         )
         service.cancel([future])
@@ -240,7 +245,9 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
     assert isinstance(outcome, ReplicateOutput), f"unexpected probe result {outcome!r}"
     problems = check_output(config, outcome, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     log.info(
         "probe: %d worker(s) import %s; one call at the probe parameters fits every target",
         len(service.client.scheduler_info(n_workers=-1)["workers"]),
@@ -285,7 +292,7 @@ def _fail_if_every_seed_fails(
     )
     raise ModelFailsError(
         _fail(
-            f"{config.model} raised the same exception for all {PROBE_SEEDS} seeds tried",
+            f"{config.model_label} raised the same exception for all {PROBE_SEEDS} seeds tried",
             problems,
             params,
         ).args[0]
@@ -303,12 +310,37 @@ def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
             config.model, model_parameters(config, params), config.seed, config.model_options
         )
     except Exception as exc:  # the user's model: report whatever it raised
-        raise _fail(f"one call of {config.model}", [describe(exc)], params) from None
+        raise _fail(f"one call of {config.model_label}", [describe(exc)], params) from None
     problems = check_output(config, output, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     return {
         "parameters": params,
         "outputs": {key or "<array>": list(a.shape) for key, a in output.outputs.items()},
+        "summary": summarize_outputs(output.outputs),
         "seconds": round(output.seconds, 4),
     }
+
+
+FIRST_VALUES = 5
+
+
+def summarize_outputs(outputs: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Each output in one line: shape, min, max and its first values (not every value)."""
+    lines = {}
+    for key, array in outputs.items():
+        flat = np.ravel(array)
+        first = ", ".join(f"{v:.6g}" for v in flat[:FIRST_VALUES])
+        more = ", ..." if flat.size > FIRST_VALUES else ""
+        finite = flat[np.isfinite(flat)]
+        span = (f"min {finite.min():.6g}, max {finite.max():.6g}" if finite.size
+                else "no finite value")
+        nonfinite = flat.size - finite.size
+        lines[key or "<array>"] = (
+            f"shape {tuple(array.shape)}, {span}"
+            + (f" ({nonfinite} not finite)" if nonfinite else "")
+            + f", first {first}{more}"
+        )
+    return lines
