@@ -534,9 +534,12 @@ def drive(
     progress: ProgressReporter | None = None,
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
     restore_signals: bool = False,
+    stoppers: list[Any] | None = None,
 ) -> tuple[RunStats, int]:
     """Connect (``client``, else ``cluster``'s options), probe, run the ask/tell loop with
-    ``signals`` asking it to stop; returns this run's stats and the workers connected."""
+    ``signals`` asking it to stop; returns this run's stats and the workers connected.
+    ``stoppers`` (``simcal run``'s own signal handler): the loop's ``request_stop`` is
+    appended to it once the loop exists."""
     with _client(client, cluster or ClusterOptions()) as client:
         if client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
@@ -545,6 +548,8 @@ def drive(
         reporter = progress or ProgressReporter()
         calibration = Driver(config, service, study, metrics, progress=reporter)
         previous = _on_signals(calibration.request_stop, signals)
+        if stoppers is not None:
+            stoppers.append(calibration.request_stop)
         try:
             stats = calibration.run()
         finally:

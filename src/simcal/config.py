@@ -275,6 +275,26 @@ def check_storage_backend(url: str) -> str:
     return url
 
 
+def resolve_sqlite_path(url: str, base: Path) -> str:
+    """``url`` with a relative SQLite file path made absolute against ``base``: a config's
+    ``storage`` against the config's folder, a command line's against the current directory.
+    Other URLs (absolute paths, in-memory, PostgreSQL, unparseable ones) are left as they are."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return url  # simcal.storage.open_study says what is wrong with it
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or database in (None, "", ":memory:"):
+        return url
+    if database.startswith("file:") or Path(database).is_absolute():
+        return url
+    return parsed.set(database=str(Path(base, database).resolve())).render_as_string(
+        hide_password=False
+    )
+
+
 class PruningSpec(_Strict):
     """Replicate-aware pruning: judge a trial on its first replicates before running the rest."""
 
@@ -305,6 +325,8 @@ class CalibrationConfig(_Strict):
     storage: str = Field(default="sqlite:///simcal.db", min_length=1)
     min_workers: int | None = Field(default=None, ge=1, le=100_000)
     grace_period: float = Field(default=30.0, ge=0, le=24 * 3600)
+    # that many consecutive trials failing with the same error stop the run (simcal.failfast)
+    stop_after_failures: int = Field(default=10, ge=0, le=10_000_000)
     pruning: PruningSpec | None = None
     # Several drivers on one study: each renews a lease every lease_interval seconds; another
     # driver re-enqueues the RUNNING trials of a lease older than lease_grace (simcal.trials).
@@ -331,8 +353,9 @@ class CalibrationConfig(_Strict):
 
     @field_validator("storage")
     @classmethod
-    def _supported_backend(cls, value: str) -> str:
-        return check_storage_backend(value)
+    def _supported_backend(cls, value: str, info: ValidationInfo) -> str:
+        base = (info.context or {}).get("base_dir")  # a config file's: its folder
+        return check_storage_backend(value if base is None else resolve_sqlite_path(value, base))
 
     @field_validator("max_in_flight")
     @classmethod

@@ -15,9 +15,13 @@ optimizer for anything, so a broken setup fails fast and no trial counts against
 A worker that cannot import, an output that is not arrays, or a key/shape mismatch raises
 :class:`ProbeError` naming the module, the worker and the real exception, or the mismatch
 (``simcal run`` exits 1): every trial would fail the same way. An exception of the model's
-own at the probe parameters (or a hang, or a lost worker) is only logged: a stochastic model
-may fail at one point, and trials tell their own failures. ``simcal check-config --probe`` runs
-step 2 in-process with :func:`probe_locally` (exit 2 on failure: the config does not work).
+own at the probe parameters is retried with other seeds (:data:`PROBE_SEEDS` calls in all):
+the same exception every time raises :class:`ModelFailsError` (``simcal run`` exits 2; a
+``KeyError`` also lists the config's parameters: a misnamed parameter fails every trial);
+a failure that varies with the seed (or a hang, or a lost worker) is only logged: a
+stochastic model may fail at one point, and trials tell their own failures.
+``simcal check-config --probe`` runs step 2 in-process with :func:`probe_locally` (exit 2 on
+failure: the config does not work).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ log = logging.getLogger(__name__)
 
 class ProbeError(RuntimeError):
     """The cluster cannot run the model, or the model's output does not fit the targets."""
+
+
+class ModelFailsError(ProbeError):
+    """The model raised the same exception for every seed at the probe parameters: the
+    config (a parameter's name, a model option) or the model is wrong, not one trial."""
+
+
+PROBE_SEEDS = 3  # calls at the probe parameters before a model's own exception stops the run
 
 
 def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
@@ -216,6 +228,8 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
             raise _fail(
                 f"one call of {config.model_label} on the cluster", [describe(outcome)], params
             )
+        if classify(outcome) is FailureReason.SIMULATION_ERROR:
+            _fail_if_every_seed_fails(service, config, params, outcome)
         # An error of the model's own at one point (or a hang, a lost worker) is what trials
         # tell, one by one; it says nothing about the setup.
         log.warning(
@@ -240,6 +254,49 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
         ", ".join(refs),
     )
     return shipped
+
+
+def _fail_if_every_seed_fails(
+    service: SimulationService,
+    config: CalibrationConfig,
+    params: Mapping[str, float],
+    first: BaseException,
+) -> None:
+    """The probe's call raised ``first``: call again with other seeds; the same exception
+    from every call raises :class:`ModelFailsError`."""
+    futures = service.submit_replicates(
+        config.model,
+        model_parameters(config, params),
+        PROBE_SEEDS - 1,
+        config.seed,
+        trial_id="probe",
+        model_options=config.model_options,
+        first=1,
+    )
+    outcomes = service.gather(futures, timeout=config.trial_timeout)
+    service.cancel(futures)
+    same = all(
+        isinstance(o, BaseException) and describe(o) == describe(first) for o in outcomes
+    )
+    if not same:
+        return
+    problems = [describe(first)]
+    if isinstance(first, KeyError):
+        names = ", ".join(config.parameters) or "none"
+        problems.append(
+            f"a KeyError in the model often means a parameter it reads is named differently "
+            f"in the config; the config's parameters: {names}"
+        )
+    problems.append(
+        "fix the model or the config and run again: no trial was run, the budget is intact"
+    )
+    raise ModelFailsError(
+        _fail(
+            f"{config.model_label} raised the same exception for all {PROBE_SEEDS} seeds tried",
+            problems,
+            params,
+        ).args[0]
+    )
 
 
 def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
