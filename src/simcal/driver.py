@@ -24,6 +24,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from simcal.config import CalibrationConfig
+from simcal.failfast import FailureStreak
 from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
 from simcal.optuna_internals import describe_fast_path, fast_path
@@ -163,14 +164,18 @@ class Calibration:
         self._last_refresh = -math.inf
         self._disconnected_since: float | None = None
         self._best_losses: list[float] = []  # the best STORED_FITS losses, ascending
+        self._streak = FailureStreak(config.stop_after_failures)
         # results recorded but not yet told, with what to do once told (or not: taken over)
         self._to_tell: list[tuple[Told, Callable[[], None]]] = []
 
     # -- public -------------------------------------------------------------------------------
 
-    def request_stop(self, reason: str = "signal") -> None:
-        """Stop asking; tell what finishes within the grace period (safe from signal handlers)."""
-        if self._stop_requested.is_set():
+    def request_stop(self, reason: str = "signal", *, now: bool = False) -> None:
+        """Stop asking; tell what finishes within the grace period, or (``now``) only what has
+        finished, re-enqueueing the rest (safe from signal handlers)."""
+        if self._stop_requested.is_set() or now:
+            self._stop_reason = self._stop_reason or reason
+            self._stop_requested.set()
             self._grace_deadline = self._clock()  # a second request: stop now
             return
         self._stop_reason = reason
@@ -456,6 +461,7 @@ class Calibration:
             losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses), 4
         )
         def told() -> None:
+            self._streak.succeeded()
             self._stats.pruned += 1
             self.metrics.trial_pruned(seconds)
 
@@ -508,6 +514,7 @@ class Calibration:
         if self._among_best(total):  # what the report's fit figure shows (docs/architecture.md)
             attrs.update({f"{FIT_ATTR_PREFIX}{i.target}": i.summary for i in losses if i.summary})
         def told() -> None:
+            self._streak.succeeded()
             self._stats.completed += 1
             if improved:
                 self.metrics.set_best_loss(total)
@@ -525,6 +532,9 @@ class Calibration:
             self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
             self.metrics.trial_failed(reason, seconds)
             log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+            cause = self._streak.failed(reason, describe(error))
+            if cause and not self._stop_requested.is_set():  # stop now: they would fail alike
+                self.request_stop(cause, now=True)
 
         self._tell(Told(run.trial, state=TrialState.FAIL, attrs=attrs), told)
 

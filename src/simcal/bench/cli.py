@@ -49,6 +49,12 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help="compare storages instead of the suite: a comma list of memory, default, sqlite, "
         "postgresql (streaming, W=8, d=0.05 and 0.2 s, R=5)",
     )
+    bench.add_argument(
+        "--starsim",
+        type=positive_int,
+        metavar="SEEDS",
+        help="only simcal vs Starsim's ss.Calibration on Starsim's SIR example (docs/starsim.md)",
+    )
     bench.add_argument("--postgres-url", help="the PostgreSQL URL for --storages postgresql")
     bench.add_argument(
         "--installs",
@@ -90,6 +96,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _compare_storages(args)
     if args.installs:
         return _compare_installs(args)
+    if args.starsim:
+        from simcal.bench.starsim import run_bench
+
+        return run_bench(args.out, args.starsim, quick=args.quick)
     if args.scale:
         return _scale(args)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
