@@ -9,6 +9,7 @@
 #
 # Usage: scripts/check_newest_optuna.sh [VENV]   (default /var/tmp/simcal-newest-optuna)
 set -euo pipefail
+unset PYTHONPATH  # the installed package, never a checkout on the path
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-${SIMCAL_NEWEST_OPTUNA_VENV:-/var/tmp/simcal-newest-optuna}}"
