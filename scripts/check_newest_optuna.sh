@@ -36,8 +36,23 @@ if not (storage_verified() and cached_tpe_verified()):
         "VERIFIED_OPTUNA, or bound optuna in pyproject.toml"
     )
 PY
-"$venv/bin/simcal" run --config "$root/examples/synthetic.yaml" --storage "sqlite:///$work/check.db" \
-    --max-trials 12 --workers 2 --metrics-port 0 --summary "$work/summary.json" >/dev/null
+# the synthetic model without injected faults (the path taken is the point, not failures)
+cat > "$work/check.yaml" <<'YAML'
+study: check-newest-optuna
+model: simcal.models.synthetic:simulate
+model_options: {duration: 0.05}
+parameters:
+  x: {low: 0.0, high: 1.0}
+  y: {low: 0.0, high: 1.0}
+replicates: 2
+seed: 1
+targets:
+  - {name: signal, observed: "simcal.models.synthetic:observed", loss: mse}
+sampler: tpe
+max_trials: 12
+YAML
+"$venv/bin/simcal" run --config "$work/check.yaml" --storage "sqlite:///$work/check.db" \
+    --workers 2 --metrics-port 0 --summary "$work/summary.json" >/dev/null
 "$venv/bin/python" - "$work/summary.json" <<'PY'
 import json, sys
 summary = json.load(open(sys.argv[1]))
