@@ -319,7 +319,7 @@ def test_best_parameters_at_a_search_bound_are_flagged() -> None:
 def test_result_rows_follow_the_config_order() -> None:
     from optuna.distributions import FloatDistribution
 
-    from simcal.report import trial_rows
+    from simcal.summary import trial_rows
 
     config = validate_config({
         **SEIR, "model": "simcal.models.seir:simulate", "storage": "sqlite:///unused.db",

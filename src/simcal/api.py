@@ -346,14 +346,14 @@ class Result:
         """Every stored trial as a pandas DataFrame: the rows of ``simcal results``."""
         import pandas as pd
 
-        from simcal.report import trial_rows
+        from simcal.summary import trial_rows
 
         rows = trial_rows(self.study.get_trials(deepcopy=False), self.config)
         return pd.DataFrame(rows)
 
     def summary(self) -> dict[str, Any]:
         """This run's summary: the JSON ``simcal run`` prints."""
-        from simcal.report import summarize
+        from simcal.summary import summarize
 
         return summarize(self.study, self.stats, run_facts(self.config, self.workers))
 

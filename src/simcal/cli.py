@@ -175,8 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from simcal.driver import RunStats
     from simcal.failfast import STOP_REASON
     from simcal.metrics import Metrics
-    from simcal.report import summarize
     from simcal.studyshape import check_shape
+    from simcal.summary import summarize
 
     config = resolve_study_config(
         args,
@@ -303,8 +303,8 @@ def _on_signals(stoppers: list[Any]) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """``simcal results``: every stored trial as CSV or JSON."""
-    from simcal.report import format_rows, trial_rows
     from simcal.reporting.studies import load_existing_study
+    from simcal.summary import format_rows, trial_rows
 
     config = resolve_study_config(args)
     study = load_existing_study(config.storage, config.study)  # never creates a storage

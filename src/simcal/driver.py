@@ -27,6 +27,7 @@ from simcal.config import CalibrationConfig
 from simcal.failfast import FailureStreak
 from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
+from simcal.optuna_internals import describe_fast_path, fast_path
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.samplers import make_sampler, run_seed
@@ -41,6 +42,7 @@ from simcal.trials import (
     RETRY_OF,
     SURPLUS,
     DriverLease,
+    LeaseObserver,
     Tally,
     Told,
     ask,
@@ -154,6 +156,7 @@ class Calibration:
         self._host = driver_host()
         self._stats.run_id, self._stats.host = service.run_id, self._host
         self._last_recovery = -math.inf
+        self._observer = LeaseObserver()  # other drivers' leases, aged on our monotonic clock
         self._stop_requested = threading.Event()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -195,13 +198,16 @@ class Calibration:
         self._reseed()
         self._count()
         self._init_best()
+        paths = fast_path(self.study)
+        self.metrics.set_fast_path(paths["storage"], paths["sampler"])
         log.info(
-            "study %s: %d of %d trials already done; mode %s, sampler %s",
+            "study %s: %d of %d trials already done; mode %s, sampler %s; %s",
             self.config.study,
             self._counted,
             self.config.max_trials,
             self.config.mode,
             self.config.sampler,
+            describe_fast_path(paths),
         )
         try:
             with self.progress:
@@ -356,7 +362,11 @@ class Calibration:
         self._last_recovery = now
         with self._storage("other"):
             recovered = recover_stale(
-                self.study, self.service.run_id, self.config.lease_grace, self._distributions
+                self.study,
+                self.service.run_id,
+                self.config.lease_grace,
+                self._distributions,
+                self._observer,
             )
         if recovered:
             self._stats.recovered += len(recovered)
