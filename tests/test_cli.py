@@ -28,6 +28,13 @@ def test_shipped_examples_are_valid(example: str, capsys: pytest.CaptureFixture[
     assert resolved["max_in_flight"] == "auto" and resolved["targets"]
 
 
+@pytest.mark.parametrize("example", ["seir.yaml", "synthetic.yaml"])
+def test_shipped_examples_pass_the_probe(example: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The probe point (the middle of every range) of a shipped example is not a failing one:
+    `simcal run --config examples/X` must not stop before its first trial."""
+    assert main(["check-config", "--probe", str(REPO / "examples" / example)]) == 0
+
+
 BAD_CONFIGS = {
     "malformed YAML": ("study: [unclosed\n", "not valid YAML"),
     "not a mapping": ("- just\n- a list\n", "expected a mapping"),
