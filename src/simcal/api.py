@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from simcal.cluster import ClusterError, ClusterOptions, connect
+from simcal.cluster import ClusterOptions, connect, wait_for_workers
 from simcal.config import (
     CalibrationConfig,
     ConfigError,
@@ -510,14 +510,7 @@ def _client(client: Any, options: ClusterOptions) -> Iterator[Any]:
     if client is not None:  # the caller's: never closed here
         # a cluster scaled a moment ago (SLURM jobs, Kubernetes pods) may have no worker yet
         need = options.min_workers or 1
-        try:
-            client.wait_for_workers(need, timeout=options.connect_timeout)
-        except TimeoutError:
-            have = len(client.scheduler_info(n_workers=-1)["workers"])
-            raise ClusterError(
-                f"only {have} of the required {need} workers joined the client's cluster "
-                f"within {options.connect_timeout:.0f}s"
-            ) from None
+        wait_for_workers(client, need, options.connect_timeout, " the client's cluster")
         yield client
         return
     with connect(options) as started:

@@ -182,6 +182,17 @@ def quiet_dask_config() -> dict[str, object]:
     }
 
 
+def wait_for_workers(client: Client, need: int, timeout: float, where: str = "") -> None:
+    """Wait until ``need`` workers joined, else :class:`ClusterError` saying how many did."""
+    try:
+        client.wait_for_workers(need, timeout=timeout)
+    except TimeoutError:
+        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        raise ClusterError(
+            f"only {have} of the required {need} workers joined{where} within {timeout:.0f}s"
+        ) from None
+
+
 @contextlib.contextmanager
 def connect(options: ClusterOptions) -> Iterator[Client]:
     """Yield a client with at least ``required_workers`` workers, closing what was started."""
@@ -215,14 +226,7 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
             client = Client(cluster, security=options.security)
             client.register_plugin(QuietWorkerLogs())
         stack.enter_context(client)
-        try:
-            client.wait_for_workers(options.required_workers, timeout=options.connect_timeout)
-        except TimeoutError:
-            have = len(client.scheduler_info(n_workers=-1)["workers"])
-            raise ClusterError(
-                f"only {have} of the required {options.required_workers} workers joined "
-                f"within {options.connect_timeout:.0f}s"
-            ) from None
+        wait_for_workers(client, options.required_workers, options.connect_timeout)
         check_versions(client)
         log.info("connected to scheduler %s", client.scheduler.address)
         yield client
