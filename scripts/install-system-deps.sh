@@ -3,7 +3,7 @@
 # PostgreSQL, podman + runc + debootstrap for the image test, chromium for the report test.
 # Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
-packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium)
+packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium etcd-server containerd iptables conntrack)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
