@@ -197,7 +197,7 @@ RUN --mount=type=secret,id=ca-bundle \\
  && /opt/venv/bin/pip check
 USER 1000:1000
 # The operator chart passes kopf's flags (--liveness, --all-namespaces) as args.
-ENTRYPOINT ["kopf", "run", "-m", "dask_kubernetes.operator"]
+ENTRYPOINT ["kopf", "run", "-m", "dask_kubernetes.operator.controller"]
 """
 
 
