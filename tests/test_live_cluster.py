@@ -28,6 +28,9 @@ import pytest
 import yaml
 
 from conftest import REPO, require
+from live_postgres import node_postgres
+from live_prometheus import LivePrometheus
+from pgserver import postgres_bin
 
 CLUSTER = REPO / ".cluster"
 KUBECTL = CLUSTER / "bin" / "kubectl"
@@ -157,7 +160,10 @@ def job_done(name: str) -> str | None:
 def summary_of(job: str) -> dict:
     """The run's JSON summary (indented JSON on stdout): the last ``{`` ... ``}`` block of the
     driver's log."""
-    lines = kubectl("logs", f"job/{job}", "--tail", "400").splitlines()
+    done = [p["metadata"]["name"] for p in pods(f"job-name={job}")
+            if p["status"].get("phase") == "Succeeded"]
+    source = f"pod/{done[-1]}" if done else f"job/{job}"  # after a retry: the pod that finished
+    lines = kubectl("logs", source, "--tail", "400").splitlines()
     starts = [i for i, line in enumerate(lines) if line == "{"]
     ends = [i for i, line in enumerate(lines) if line == "}"]
     if not starts or not ends or ends[-1] < starts[-1]:
@@ -180,7 +186,9 @@ def test_helm_install_runs_the_seir_demo(cluster):
     assert summary["study"] == "seir-demo"
     assert summary["n_completed"] == trials and summary["n_failed"] == 0, summary
     assert summary["workers"] == WORKERS, summary
-    assert "simcal-demo-test-cluster" in helm("test", "demo", "--timeout", "10m")
+    tested = helm("test", "demo", "--timeout", "10m")
+    assert re.search(r"TEST SUITE:\s+demo-simcal-test-cluster", tested), tested
+    assert re.search(r"Phase:\s+Succeeded", tested), tested
 
 
 def submitted(*args: object, env: dict | None = None) -> str:
@@ -266,3 +274,77 @@ def test_helm_uninstall_keeps_the_studys_volume(cluster):
     summary = summary_of(job)
     assert summary["n_completed"] == FAULT_TRIALS and summary["this_run"]["completed"] == 0, summary
     helm("uninstall", "faults", "--wait", "--timeout", "5m")
+
+
+def test_scheduler_pod_deleted_mid_run_the_study_completes_exactly(cluster):
+    """The Dask scheduler's pod deleted while trials run: the operator starts a new one; the
+    driver either survives it or fails and the Job's retry resumes the study from storage.
+    Either way the study ends with exactly max_trials completed trials, none failed."""
+    helm("install", "sched", "./helm/simcal", "-f", CLUSTER / "values.yaml",
+         "--set", f"calibration.max_trials={FAULT_TRIALS}", "--timeout", "15m")
+    wait_for(lambda: len(running("dask.org/component=worker")) >= WORKERS, 1200,
+             f"{WORKERS} Running worker pods")
+    job = job_named("sched")
+    wait_for(lambda: progress(job) >= 8, 1200, "the first trials")
+    victim = running("dask.org/component=scheduler")[0]["metadata"]["name"]
+    kubectl("delete", "pod", victim, "--wait=false")
+    assert wait_for(lambda: job_done(job), 2400, "the driver Job to finish") == "Complete", \
+        kubectl("logs", f"job/{job}", "--tail", "80", check=False)
+    summary = summary_of(job)
+    assert summary["n_completed"] == FAULT_TRIALS and summary["n_failed"] == 0, summary
+    helm("uninstall", "sched", "--wait", "--timeout", "5m")
+
+
+def test_prometheus_scrapes_the_live_pods_and_records_throughput(cluster, tmp_path):
+    """Debian's Prometheus in the cluster's namespace finds the driver, scheduler and worker
+    pods through the API server by the chart's labels and annotations, loads the chart's rules,
+    and the throughput recording rule has data while the run goes on."""
+    require(shutil.which("prometheus") is not None, "prometheus is not installed")
+    rules = REPO / "helm" / "simcal" / "files" / "prometheus-rules.yaml"
+    prometheus = LivePrometheus(tmp_path, rules)
+    try:
+        helm("install", "prom", "./helm/simcal", "-f", CLUSTER / "values.yaml",
+             "--set", f"calibration.max_trials={FAULT_TRIALS}",
+             "--set", "calibration.study=prom-live", "--timeout", "15m")
+
+        def throughput() -> list[dict]:
+            listing = json.loads(kubectl("get", "pods", "-o", "json"))["items"]
+            prometheus.update([p for p in listing if p["metadata"]["labels"].get(
+                "app.kubernetes.io/instance") == "prom"])
+            return prometheus.query('simcal:trials_per_minute:rate5m{study="prom-live"} > 0')
+
+        wait_for(throughput, 1200, "the throughput recording rule to have data")
+        up = {t["labels"]["job"] for t in prometheus.api("targets")["activeTargets"]
+              if t["health"] == "up"}
+        assert {"simcal-driver", "simcal-scheduler", "simcal-workers"} <= up, up
+        loaded = {r["name"] for g in prometheus.api("rules")["groups"] for r in g["rules"]}
+        assert {"SimcalThroughputRegression", "simcal:trials_per_minute:rate5m"} <= loaded
+        job = job_named("prom")
+        assert wait_for(lambda: job_done(job), 1800, "the driver Job to finish") == "Complete"
+    finally:
+        prometheus.stop()
+    helm("uninstall", "prom", "--wait", "--timeout", "5m")
+
+
+def test_two_driver_pods_share_one_study_on_postgresql(cluster):
+    """driver.parallelism: 2 with the study on a real PostgreSQL (Debian's, on the node IP):
+    two driver pods run one study; it ends with exactly max_trials completed trials."""
+    require(postgres_bin() is not None, "Debian's postgresql is not installed")
+    trials = 200
+    with node_postgres() as pg:
+        kubectl("create", "secret", "generic", "para-storage", f"--from-literal=url={pg.url()}")
+        helm("install", "para", "./helm/simcal", "-f", CLUSTER / "values.yaml",
+             "--set", "driver.parallelism=2", "--set", "storage.existingSecret=para-storage",
+             "--set", f"calibration.max_trials={trials}", "--timeout", "15m")
+        job = job_named("para")
+        assert wait_for(lambda: job_done(job), 1800, "the driver Job to finish") == "Complete", \
+            kubectl("logs", f"job/{job}", "--tail", "80", check=False)
+        drivers = [p for p in pods(f"job-name={job}") if p["status"].get("phase") == "Succeeded"]
+        assert len(drivers) == 2, [p["metadata"]["name"] for p in drivers]
+        completed = pg.scalar(
+            "SELECT count(*) FROM trials t JOIN studies s ON s.study_id = t.study_id "
+            "WHERE s.study_name = 'seir-demo' AND t.state = 'COMPLETE'"
+        )
+        assert completed == trials
+        helm("uninstall", "para", "--wait", "--timeout", "5m")
+        kubectl("delete", "secret", "para-storage")
