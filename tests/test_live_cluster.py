@@ -227,6 +227,8 @@ def test_simcal_submit_runs_the_own_model_and_retrieves_its_trials(cluster, tmp_
     assert wait_for(lambda: job_done(results), 600, f"job {results}") == "Complete"
     rows = json.loads(kubectl("logs", f"job/{results}"))
     assert len(rows) == trials, rows
+    # Submitted Jobs are not part of the release; their pods hold the release's claim.
+    kubectl("delete", "job", job, results, "--cascade=foreground")
 
 
 def progress(job: str) -> int:
