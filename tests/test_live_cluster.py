@@ -310,9 +310,11 @@ def test_prometheus_scrapes_the_live_pods_and_records_throughput(cluster, tmp_pa
              "--set", "calibration.study=prom-live", "--timeout", "15m")
 
         def throughput() -> list[dict]:
-            listing = json.loads(kubectl("get", "pods", "-o", "json"))["items"]
-            prometheus.update([p for p in listing if p["metadata"]["labels"].get(
-                "app.kubernetes.io/instance") == "prom"])
+            ours = "app.kubernetes.io/instance=prom"
+            prometheus.update(
+                json.loads(kubectl("get", "pods", "-l", ours, "-o", "json"))["items"],
+                json.loads(kubectl("get", "services", "-l", ours, "-o", "json"))["items"],
+            )
             return prometheus.query('simcal:trials_per_minute:rate5m{study="prom-live"} > 0')
 
         wait_for(throughput, 1200, "the throughput recording rule to have data")

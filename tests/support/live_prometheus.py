@@ -6,7 +6,7 @@ Debian's Prometheus (2.42.0+ds) is built without Kubernetes service discovery: a
 config.ScrapeConfig". What stands in: ``file_sd_configs`` whose file :func:`discover` writes from
 the API server's pod list, applying the same rules a ``role: pod`` discovery with the usual
 relabeling would (the chart's ``prometheus.io/scrape|port|path`` annotations, job = the pod's
-``simcal/scrape-job`` label, Running pods only)."""
+``simcal/scrape-job`` label or its Service's, Running pods only)."""
 
 from __future__ import annotations
 
@@ -24,21 +24,28 @@ NETNS = "/run/netns/simcal-k8s"
 PORT = 19090  # inside the namespace only (its own loopback)
 
 
-def discover(pods: list[dict]) -> list[dict]:
+def discover(pods: list[dict], services: list[dict]) -> list[dict]:
     """file_sd target groups for the pods (``kubectl get pods -o json`` items) the chart
-    annotates for scraping."""
+    annotates for scraping; job = the pod's ``simcal/scrape-job`` label, else that of a
+    Service selecting it (the driver's pods: the chart labels their Service)."""
+    jobs_by_selector = [
+        (svc["spec"].get("selector") or {}, svc["metadata"]["labels"]["simcal/scrape-job"])
+        for svc in services if "simcal/scrape-job" in svc["metadata"].get("labels", {})
+    ]
     groups = []
     for pod in pods:
         meta, status = pod["metadata"], pod.get("status", {})
         notes, labels = meta.get("annotations", {}), meta.get("labels", {})
         if notes.get("prometheus.io/scrape") != "true" or status.get("phase") != "Running":
             continue
-        if not status.get("podIP") or "simcal/scrape-job" not in labels:
+        job = labels.get("simcal/scrape-job") or next(
+            (name for selector, name in jobs_by_selector
+             if selector and selector.items() <= labels.items()), None)
+        if not status.get("podIP") or job is None:
             continue
         groups.append({
             "targets": [f"{status['podIP']}:{notes['prometheus.io/port']}"],
-            "labels": {"job": labels["simcal/scrape-job"], "namespace": meta["namespace"],
-                       "pod": meta["name"],
+            "labels": {"job": job, "namespace": meta["namespace"], "pod": meta["name"],
                        "__metrics_path__": notes.get("prometheus.io/path", "/metrics")},
         })
     return groups
@@ -63,7 +70,7 @@ class LivePrometheus:
         if binary is None:
             raise RuntimeError("prometheus is not installed (make system-deps)")
         self.targets = directory / "targets.json"
-        self.update([])
+        self.update([], [])
         (directory / "prometheus.yml").write_text(yaml.safe_dump(config(rules, self.targets)))
         self.log_path = directory / "prometheus.log"
         self.log = self.log_path.open("w")
@@ -81,10 +88,10 @@ class LivePrometheus:
                                    + self.log_path.read_text()[-3000:])
             time.sleep(1)
 
-    def update(self, pods: list[dict]) -> None:
-        """Rewrite the discovered targets from the API server's current pod list."""
+    def update(self, pods: list[dict], services: list[dict]) -> None:
+        """Rewrite the discovered targets from the API server's current pods and Services."""
         partial = self.targets.with_suffix(".partial")
-        partial.write_text(json.dumps(discover(pods)))
+        partial.write_text(json.dumps(discover(pods, services)))
         partial.rename(self.targets)
 
     def _get(self, path: str) -> bytes | None:
