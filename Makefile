@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs dashboard cluster cluster-build cluster-down
+.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs dashboard check-newest-optuna cluster cluster-build cluster-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ system-deps:
 ## test: install everything the suite needs, then run it
 test: system-deps $(VENV)/.test-installed $(CHECKOV_VENV)/.installed cluster-build
 	$(BIN)/ruff check src tests
+	./scripts/check_newest_optuna.sh
 	$(BIN)/python -m pytest
+
+## check-newest-optuna: a plain `pip install .` (no constraints; venv in /var/tmp) takes the fast path
+check-newest-optuna:
+	./scripts/check_newest_optuna.sh
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check src tests

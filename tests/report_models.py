@@ -27,3 +27,17 @@ def seir_with_faults(params: dict[str, float], seed: int) -> dict[str, np.ndarra
 
 def always_fails(params: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     raise PretendModelError("this model always fails")
+
+
+def sir_share(params: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """A small stochastic SIR of 1,000 people: the share infected on days 0..100 (a
+    probability, for a binomial target of x positives of n tested on some days)."""
+    rng = np.random.default_rng(seed)
+    people, susceptible, infected = 1000, 990, 10
+    share = []
+    for _ in range(101):
+        share.append(infected / people)
+        new = rng.binomial(susceptible, 1 - np.exp(-params["beta"] * infected / people))
+        recovered = rng.binomial(infected, params["gamma"])
+        susceptible, infected = susceptible - new, infected + new - recovered
+    return {"t": np.arange(101.0), "infected": np.array(share)}

@@ -1,10 +1,13 @@
-"""``simcal bench --storages`` and ``--scale`` at their smallest sizes (the modes run and report;
-the real measurements are in docs/performance.md)."""
+"""``simcal bench --storages``, ``--installs`` and ``--scale`` at their smallest sizes (the modes
+run and report; the real measurements are in docs/performance.md)."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+import optuna
 
 from conftest import run_simcal
 
@@ -50,3 +53,30 @@ def test_storages_mode_refuses_an_unknown_storage(tmp_path: Path) -> None:
     assert "--storages: unknown storage 'redis'" in result.stderr
     result = run_simcal("bench", "--storages", "postgresql", "--out", str(tmp_path))
     assert result.returncode == 2 and "needs --postgres-url" in result.stderr
+
+
+def test_installs_mode_pairs_python_environments(tmp_path: Path) -> None:
+    """--installs: each environment runs the workload in its own process, alternating; the
+    report names each one's Optuna, its fast path and its ratio to the first."""
+    python = sys.executable
+    result = run_simcal(
+        "bench", "--installs", f"a={python},b={python}", "--quick", "--out", str(tmp_path),
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "installs.json").read_text())
+    assert [row["install"] for row in report["rows"]] == ["a", "b"]
+    summary = report["summary"]
+    assert [row["install"] for row in summary] == ["a", "b"]
+    assert all(row["fast_path"] and row["optuna"] == optuna.__version__ for row in summary)
+    assert all(row["efficiency"] > 0 for row in summary) and summary[0]["ratio"] == 1.0
+    assert "| b | " + optuna.__version__ in (tmp_path / "installs.md").read_text()
+
+
+def test_installs_mode_refuses_bad_installs(tmp_path: Path) -> None:
+    result = run_simcal("bench", "--installs", f"a={sys.executable}", "--out", str(tmp_path))
+    assert result.returncode == 2 and "--installs: give at least two installs" in result.stderr
+    result = run_simcal("bench", "--installs", "a=/nonexistent/python,b=/bin/true")
+    assert result.returncode == 2
+    assert "--installs: '/nonexistent/python' is not an executable Python" in result.stderr
+    assert "Traceback" not in result.stderr

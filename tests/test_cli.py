@@ -189,9 +189,16 @@ def test_a_finished_study_has_nothing_to_do_and_starts_no_cluster(tmp_path: Path
     assert summary["this_run"]["completed"] == 0
 
 
+SEED_DEPENDENT_FAILURE = """
+def simulate(params, seed):
+    raise ArithmeticError(f"no luck with seed {seed}")  # the text varies: no streak, no probe stop
+"""
+
+
 def test_a_run_in_which_every_trial_failed_says_so_and_exits_3(tmp_path: Path) -> None:
+    (tmp_path / "unlucky.py").write_text(SEED_DEPENDENT_FAILURE, encoding="utf-8")
     config = write_config(
-        tmp_path, max_trials=3, replicates=1, model_options={"error_rate": 1.0}, sampler="random"
+        tmp_path, max_trials=3, replicates=1, model="unlucky:simulate", sampler="random"
     )
     import socket
 

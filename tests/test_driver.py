@@ -18,6 +18,7 @@ from simcal.models.seir import TRUE_PARAMS
 from simcal.samplers import make_sampler
 from simcal.service import SimulationService
 from simcal.storage import open_study
+from simcal.summary import summarize
 from simcal.trials import FAIL_REASON
 
 SYNTHETIC: dict[str, Any] = {
@@ -159,3 +160,37 @@ def test_streaming_keeps_workers_busy_and_reports_it(
     assert max(in_flight) == auto_in_flight(8, 4) == 7  # 28 replicates queued for 8 threads
     # sampled from the workers' heartbeats
     assert 0 < metrics.value("simcal_worker_utilization_ratio") <= 1
+
+
+@pytest.mark.parametrize("verified", [True, False])
+def test_the_run_says_which_path_it_took(
+    client: Client,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    verified: bool,
+) -> None:
+    """The summary, the run's first progress line and simcal_build_info say whether the fast
+    storage and sampler paths ran; on an unverified Optuna (forced here) all three say not."""
+    import simcal.optuna_internals.guard
+
+    monkeypatch.setattr(simcal.optuna_internals.guard, "_warned", [])
+    if not verified:
+        monkeypatch.setattr(simcal.optuna_internals.guard, "VERIFIED_OPTUNA", ("4.9",))
+    with caplog.at_level("INFO", logger="simcal"):
+        study, metrics, stats = calibrate(client, tmp_path, max_trials=4, sampler="tpe")
+    flag = str(verified).lower()
+
+    paths = summarize(study, stats, {})["fast_path"]
+    assert (paths["storage"], paths["sampler"]) == (verified, verified)
+    assert paths["storage_path"].startswith("simcal-rdb" if verified else "optuna-public (Optuna")
+    assert paths["sampler_path"].startswith("CachedTPESampler" if verified else "TPESampler (")
+    assert paths["optuna"] == optuna.__version__
+
+    first = next(r.getMessage() for r in caplog.records if "trials already done" in r.getMessage())
+    assert f"fast_path storage={flag} sampler={flag}" in first
+    assert ("SLOWER PATH" in first) is not verified
+
+    labels = {"fast_path": flag, "fast_path_storage": flag, "fast_path_sampler": flag}
+    build = {**metrics._build_labels, **labels}
+    assert metrics.registry.get_sample_value("simcal_build_info", build) == 1.0

@@ -17,12 +17,13 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from conftest import write_config
+from conftest import SIMCAL, write_config
 from processes import (
     STUDY_OPEN,
     assert_no_loss,
     finished,
     simcal_run,
+    start,
     stopping,
     stored_trials,
     wait_until,
@@ -163,33 +164,98 @@ def test_sigkill_then_rerun_resumes_without_loss_postgres(tmp_path: Path, pg_ser
     _kill_then_resume(tmp_path, pg_server.url(database=database), "resume-postgres")
 
 
-def test_a_second_sigint_stops_now_without_dask_noise(tmp_path: Path) -> None:
-    """Ctrl-C twice: the second says 'stopping now' and the run ends without Dask's warnings."""
+def test_ctrl_c_in_a_terminal_stops_now_quietly_and_loses_nothing(tmp_path: Path) -> None:
+    """Ctrl-C: SIGINT to the whole foreground process group, as a terminal sends it. The local
+    workers ignore it (no worker traceback); the driver tells what finished, re-enqueues the
+    trials in flight and exits long before its 300 s grace period, in a few lines."""
+    study, hang_rate, fault_seed = "ctrl-c", 0.5, 1  # seed 1: the probe's point does not hang
+    options = {
+        "duration": 0.3, "hang_rate": hang_rate, "hang_seconds": 600, "fault_seed": fault_seed
+    }
     config = write_config(
-        tmp_path, study="twice", model_options={"duration": 120.0}, replicates=1,
-        max_trials=10, max_in_flight=2, sampler="random", grace_period=300,
+        tmp_path, study=study, model_options=options, replicates=1, max_trials=40,
+        max_in_flight=2, sampler="random", grace_period=300,
     )
-    storage = f"sqlite:///{tmp_path / 'simcal.db'}"
+    storage, summary = f"sqlite:///{tmp_path / 'simcal.db'}", tmp_path / "summary.json"
+    argv = [
+        *SIMCAL, "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+        "--dashboard-address", "127.0.0.1:0", "--summary", str(summary),
+    ]
     with stopping() as procs:
-        driver = simcal_run(config, tmp_path, "--workers", "2")
+        driver = start("driver", argv, tmp_path, cwd=tmp_path)  # its own session and group
         procs.append(driver)
 
-        def two_running() -> bool:
+        def told_some_and_two_hung() -> bool:
             if not driver.says(STUDY_OPEN):
                 return False
-            trials = stored_trials(storage, "twice")
-            return sum(t.state == TrialState.RUNNING for t in trials) == 2
+            trials = stored_trials(storage, study)
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            hung = [t for t in running if fault_draw(t.params, fault_seed) < hang_rate]
+            return len(finished(trials)) >= 1 and len(hung) == 2
 
-        wait_until(two_running, 300, "two trials in flight")
-        driver.signal(signal.SIGINT)
-        wait_until(lambda: driver.says("no new trials"), 60, "the first signal's message")
-        driver.signal(signal.SIGINT)
+        wait_until(told_some_and_two_hung, 300, "a told trial and two hung ones in flight")
+        before = stored_trials(storage, study)
+        driver.signal(signal.SIGINT, group=True)  # the terminal's Ctrl-C
+        # far below grace_period (300 s): it does not wait for the hung trials
         assert driver.wait(120) == 0, driver.output()[-4000:]
+
     output = driver.output()
-    assert "SIGINT again: stopping now" in output, output[-3000:]
-    for noise in ("CancelledError", "Traceback", "still alive after"):
-        assert noise not in output, output[-3000:]
-    trials = stored_trials(storage, "twice")
-    assert sorted(t.user_attrs.get("fail_reason") for t in trials if t.state.is_finished()) == [
-        "interrupted", "interrupted"
+    for noise in ("Traceback", "KeyboardInterrupt", "CancelledError", "still alive after"):
+        assert noise not in output, output[-4000:]
+    after_signal = output.split("SIGINT: stopping now", 1)[1].splitlines()[1:]
+    json_start = after_signal.index("{")
+    log_lines = after_signal[:json_start]
+    assert len(log_lines) <= 8, "\n".join(log_lines)
+    # no Dask line at all: a worker that got the SIGINT too shuts down, and the scheduler
+    # says it lost the tasks of "Removing worker ..."
+    assert not [line for line in log_lines if "distributed." in line], "\n".join(log_lines)
+    trials = stored_trials(storage, study)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    by_number = {t.number: t for t in trials}
+    for trial in before:  # what had finished stays told; what was in flight is re-enqueued
+        if trial.state.is_finished():
+            assert by_number[trial.number].state == trial.state
+    interrupted = sorted(
+        t.number for t in trials if t.user_attrs.get("fail_reason") == "interrupted"
+    )
+    assert len(interrupted) == 2, interrupted
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert sorted(t.user_attrs["retry_of"] for t in waiting) == interrupted
+    this_run = json.loads(summary.read_text(encoding="utf-8"))["this_run"]
+    assert this_run["stop_reason"] == "signal" and this_run["interrupted"] == 2
+
+
+def test_ctrl_c_while_the_cluster_starts_exits_130_without_tracebacks(tmp_path: Path) -> None:
+    """Ctrl-C (to the whole group) before the first trial: nothing to tell, exit 128 + 2 at
+    once, no traceback of the driver or of a worker, no process left in the group."""
+    config = write_config(tmp_path, study="early", max_trials=50, model_options={"duration": 1})
+    argv = [
+        *SIMCAL, "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+        "--dashboard-address", "127.0.0.1:0",
     ]
+    with stopping() as procs:
+        driver = start("driver", argv, tmp_path, cwd=tmp_path)
+        procs.append(driver)
+        wait_until(lambda: driver.says("starting a local cluster"), 120, "the cluster to start")
+        # while the cluster starts a Ctrl-C is ignored (its workers must not get one): repeat
+        deadline = time.monotonic() + 120
+        while driver.alive() and time.monotonic() < deadline:
+            driver.signal(signal.SIGINT, group=True)
+            time.sleep(0.5)
+        assert driver.wait(10) == 128 + signal.SIGINT, driver.output()[-3000:]
+        wait_until(lambda: not _group_alive(driver.pid), 30, "the local workers to exit")
+    output = driver.output()
+    assert "SIGINT before the first trial: stopped, nothing to tell" in output, output[-3000:]
+    for noise in ("Traceback", "KeyboardInterrupt"):
+        assert noise not in output, output[-3000:]
+    assert stored_trials(f"sqlite:///{tmp_path / 'simcal.db'}", "early") == []
+
+
+def _group_alive(pgid: int) -> bool:
+    import os
+
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -58,7 +58,17 @@ def studies(
     with Client(cluster) as client:
         client.wait_for_workers(8, timeout=120)
         client.upload_file(str(Path(report_models.__file__)))
+        survey = tmp_path_factory.mktemp("survey")
+        (survey / "prevalence.csv").write_text("t,infected,n\n20,21,200\n40,60,200\n80,149,200\n")
         yield {
+            "survey": calibrate(
+                client, survey, study="sir-survey", model="report_models:sir_share",
+                parameters={"beta": {"low": 0.1, "high": 0.6}, "gamma": {"low": 0.01,
+                                                                           "high": 0.2}},
+                targets=[{"name": "infected", "observed": str(survey / "prevalence.csv"),
+                          "loss": "binomial_nll"}],
+                max_trials=12,
+            ),
             "mixed": calibrate(client, tmp_path_factory.mktemp("mixed")),
             "failed": calibrate(
                 client,
@@ -113,6 +123,27 @@ def test_stored_fit_is_what_the_driver_saw(studies: dict) -> None:
         for i in range(data["replicates"])
     ]
     assert best.user_attrs[f"{FIT_ATTR_PREFIX}incidence"] == summarize_replicates(rerun)
+
+
+def test_fit_of_a_time_indexed_binomial_survey_shows_its_days(studies: dict) -> None:
+    """The driver stores the model's times with the summary: the report draws the survey's
+    days 20, 40, 80 beside the model's band, as proportions against its probability."""
+    from simcal.reporting.figures import completed_by_loss, fit_axes
+    from simcal.targets import load_target_data
+
+    _, data = studies["survey"]
+    config = validate_config(data)
+    ranked = completed_by_loss(load(data).get_trials(deepcopy=False))
+    target = config.targets[0]
+    summary = ranked[0].user_attrs[f"{FIT_ATTR_PREFIX}infected"]
+    assert summary["t"] == list(range(101))
+    ax = fit_axes(target, load_target_data(target), ranked, top=3)
+    lines = {str(line.get_label()): line for line in ax.get_lines()}
+    assert list(lines["observed"].get_xdata()) == [20, 40, 80]
+    assert np.allclose(lines["observed"].get_ydata(), [21 / 200, 60 / 200, 149 / 200])
+    median = next(v for k, v in lines.items() if k.startswith("best trial #"))
+    assert np.allclose(median.get_xdata(), range(101)) and max(median.get_ydata()) <= 1
+    assert ax.get_xlabel() == "time t" and "proportion" in ax.get_ylabel()
 
 
 def test_report_of_a_study_with_failures(studies: dict, tmp_path: Path) -> None:
@@ -288,7 +319,7 @@ def test_best_parameters_at_a_search_bound_are_flagged() -> None:
 def test_result_rows_follow_the_config_order() -> None:
     from optuna.distributions import FloatDistribution
 
-    from simcal.report import trial_rows
+    from simcal.summary import trial_rows
 
     config = validate_config({
         **SEIR, "model": "simcal.models.seir:simulate", "storage": "sqlite:///unused.db",

@@ -19,7 +19,13 @@ DESIGN = {  # name -> (type, labels besides the histogram's own)
     "simcal_min_workers": ("gauge", {"study"}),
     "simcal_worker_utilization_ratio": ("gauge", {"study"}),
     "simcal_best_loss": ("gauge", {"study"}),
-    "simcal_build_info": ("gauge", {"version", "python", "dask", "distributed", "optuna"}),
+    "simcal_driver_busy_ratio": ("gauge", {"study"}),
+    "simcal_storage_seconds": ("histogram", {"study", "operation"}),
+    "simcal_build_info": (
+        "gauge",
+        {"version", "python", "dask", "distributed", "optuna"}
+        | {"fast_path", "fast_path_storage", "fast_path_sampler"},  # which path the run takes
+    ),
 }
 
 
@@ -44,6 +50,7 @@ def test_served_metrics_match_the_design() -> None:
     port = metrics.serve(0, "127.0.0.1")
     try:
         metrics.set_best_loss(2.5)
+        metrics.set_fast_path(storage=True, sampler=False)
         metrics.trial_completed(loss=2.5, seconds=1.2)
         metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.5)
         metrics.trial_pruned(seconds=0.3)
@@ -72,6 +79,9 @@ def test_served_metrics_match_the_design() -> None:
     }
     [best] = families["simcal_best_loss"].samples
     assert best.value == 2.5
+    [build] = families["simcal_build_info"].samples
+    assert (build.labels["fast_path"], build.labels["fast_path_storage"]) == ("false", "true")
+    assert build.labels["fast_path_sampler"] == "false"
 
 
 def test_trailing_rates_and_utilization() -> None:

@@ -7,6 +7,7 @@ known proposal and likelihood and call it directly (seconds, no cluster).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,29 @@ def test_the_command_prints_and_writes_json(tmp_path: Path, capsys: Any) -> None
     assert main(["posterior", "--config", str(config), "--storage", f"sqlite:///{missing}"]) == 2
     assert "does not exist" in capsys.readouterr().err and not missing.exists()  # not created
 
+
+
+def test_a_low_ess_says_how_many_more_trials_and_how_to_run_them(
+    tmp_path: Path, capsys: Any
+) -> None:
+    """Few trials crowded by TPE: the ESS is low, the command estimates the trials still
+    needed (ESS in proportion to completed trials) and names the run that continues."""
+    config = _config(tmp_path)
+    study = optuna.create_study(study_name="post", storage=f"sqlite:///{tmp_path / 'p.db'}",
+                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=3))
+    distribution = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for _ in range(20):
+        trial = study.ask(distribution)
+        study.tell(trial, float(-stats.norm.logpdf(0.5, trial.params["x"], 0.02)))
+    assert main(["posterior", "--config", str(config)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    ess = printed["effective_sample_size"]
+    assert ess < 30
+    more = printed["more_trials_needed"]
+    assert more == math.ceil(20 * 30 / ess) - 20 or abs(more - (20 * 30 / ess - 20)) <= 1
+    assert printed["continue_with"] == (
+        f"simcal run --config {config} --max-trials {20 + more}"
+    )
+    text = " ".join(printed["warnings"])
+    assert f"about {more} more trials are needed" in text and "per trial" in text
+    assert "continues this same study" in text

@@ -34,7 +34,14 @@ from simcal.failures import (
     ModelImportError,
     classify,
 )
-from simcal.probe import ProbeError, probe_cluster, probe_locally, probe_parameters
+from simcal.probe import (
+    PROBE_SEEDS,
+    ModelFailsError,
+    ProbeError,
+    probe_cluster,
+    probe_locally,
+    probe_parameters,
+)
 from simcal.shipping import local_code
 from simcal.tasks import resolve_on_worker
 
@@ -274,11 +281,50 @@ def test_probe_cluster_fails_on_a_shape_mismatch_and_passes_a_fitting_model(clie
         probe_cluster(service, wrong)
 
 
-def test_probe_cluster_only_logs_a_models_own_error(client, tmp_path, caplog):
-    """A model that raises at the probe point (here: always) is the trials' business."""
+def test_probe_cluster_stops_on_a_model_that_fails_alike_for_every_seed(client, tmp_path):
+    """A model that raises the same exception at the probe point for every seed tried: every
+    trial would fail the same way, so the run stops before the first one."""
     from simcal.service import SimulationService
 
     config = _synthetic(tmp_path, model_options={"error_rate": 1.0})
+    with pytest.raises(ModelFailsError) as raised:
+        probe_cluster(SimulationService(client), config)
+    text = str(raised.value)
+    assert f"raised the same exception for all {PROBE_SEEDS} seeds tried" in text
+    assert "SyntheticModelError: injected failure" in text
+    assert "KeyError" not in text
+
+
+UNLUCKY = MODEL + """
+
+def simulate(params, seed, **options):
+    raise ArithmeticError(f"unlucky draw for seed {seed}")  # its text varies with the seed
+"""
+
+
+def test_probe_cluster_only_logs_an_error_that_varies_with_the_seed(client, tmp_path, caplog):
+    """A failure that is not the same for every seed is the trials' business."""
+    from simcal.service import SimulationService
+
+    config = load_config(_project(tmp_path / "proj", source=UNLUCKY))
     with caplog.at_level("WARNING", logger="simcal.probe"):
         probe_cluster(SimulationService(client), config)
-    assert "SyntheticModelError" in caplog.text
+    assert "ArithmeticError: unlucky draw for seed" in caplog.text
+
+
+MISNAMED = MODEL.replace('params["beta"]', 'params["gamma"]')
+
+
+def test_a_misnamed_parameter_stops_the_run_before_any_trial_exit_2(tmp_path: Path) -> None:
+    """The config names ``beta``, the model reads ``gamma``: exit 2 naming the KeyError and
+    the config's parameters; no trial stored, the budget intact."""
+    config = _project(tmp_path / "proj", source=MISNAMED)
+    result = run_simcal(
+        "run", "--config", str(config), "--workers", "2", "--metrics-port", "0",
+        "--dashboard-address", ":0",
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "KeyError: 'gamma'" in result.stderr
+    assert "the config's parameters: beta" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert stored_trials(f"sqlite:///{tmp_path / 'simcal.db'}", "mysir") == []

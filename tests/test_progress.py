@@ -10,7 +10,7 @@ import pytest
 
 from simcal.driver import RunStats
 from simcal.progress import ProgressReporter, Snapshot, trials_per_minute
-from simcal.report import summarize
+from simcal.summary import summarize
 
 
 class FakeClock:

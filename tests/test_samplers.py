@@ -83,11 +83,11 @@ def test_an_unverified_optuna_falls_back_to_its_own_tpe(
     unverified: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An Optuna release not verified, or lacking a private member used: stock TPESampler."""
-    import simcal.optuna_internals
+    import simcal.optuna_internals.guard
 
-    monkeypatch.setattr(simcal.optuna_internals, "_warned", [])
+    monkeypatch.setattr(simcal.optuna_internals.guard, "_warned", [])
     if unverified == "version":
-        monkeypatch.setattr(simcal.optuna_internals, "VERIFIED_OPTUNA", ("4.9",))
+        monkeypatch.setattr(simcal.optuna_internals.guard, "VERIFIED_OPTUNA", ("4.9",))
     else:
         monkeypatch.delattr(TPESampler, "_compute_acquisition_func")
     with caplog.at_level("WARNING", logger="simcal.optuna_internals"):

@@ -115,6 +115,12 @@ def test_check_config_exits_2_naming_the_line(tmp_path: Path, capsys: Any) -> No
         ({"loss": "negative_binomial_nll"}, "cases\n1\n", "needs a dispersion"),
         ({"loss": "normal_nll"}, "cases\n1\n", "normal_nll needs sd"),
         ({"loss": "beta_binomial_nll", "dispersion": {"parameter": "z"}}, "cases,n\n1,2\n", "'z'"),
+        ({"loss": "binomial_nll", "simulated": "counts"}, "cases,n\n1,2\n",
+         "targets.0.simulated: Input should be 'probability' or 'count'"),
+        ({"loss": "poisson_nll", "simulated": "count"}, "cases\n1\n",
+         "simulated: count applies to ('binomial_nll', 'beta_binomial_nll') only"),
+        ({"loss": "binomial_nll", "n_output": "population"}, "cases,n\n1,2\n",
+         "n_output names the model output holding n for simulated: count"),
     ],
 )
 def test_bad_target_exits_2(
@@ -221,3 +227,57 @@ def test_a_callable_may_return_times_and_trials() -> None:
     output = replicate(t=np.arange(10), cases=np.full(10, 0.4))
     expected = -stats.binom.logpmf([3, 5], 10, 0.4).sum()
     assert goal.evaluate([output]) == pytest.approx(expected)
+
+
+# -- counts for binomial-family losses (simulated: count) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("loss", "options", "scipy_of"),
+    [
+        ("binomial_nll", {}, lambda p: stats.binom(20, p)),
+        ("beta_binomial_nll", {"dispersion": 8.0},
+         lambda p: stats.betabinom(20, p * 8.0, (1 - p) * 8.0)),
+    ],
+)
+def test_a_simulated_count_of_the_datas_n_is_its_proportion(
+    tmp_path: Path, loss: str, options: dict, scipy_of: Any
+) -> None:
+    """Starsim's x of n: the model counts x of the same n people the data surveyed."""
+    csv = "t,cases,n\n20,5,20\n40,9,20\n"
+    counts = objective(tmp_path, csv, loss=loss, simulated="count", **options)
+    probabilities = objective(tmp_path, csv, loss=loss, **options)
+    days = np.arange(50.0)
+    x = np.where(days < 30, 4.0, 10.0)  # 4 of 20, then 10 of 20
+    expected = -scipy_of(np.array([0.2, 0.5])).logpmf([5, 9]).sum()
+    assert counts.evaluate([replicate(t=days, cases=x)]) == pytest.approx(expected)
+    assert probabilities.evaluate([replicate(t=days, cases=x / 20)]) == pytest.approx(expected)
+    # replicates are made proportions one by one, then combined as usual (mean)
+    two = [replicate(t=days, cases=x - 2), replicate(t=days, cases=x + 2)]
+    assert counts.evaluate(two) == pytest.approx(expected)
+
+
+def test_a_simulated_count_of_the_models_own_n(tmp_path: Path) -> None:
+    """A model of 10,000 people against a survey of 20: p = x / n of the model's n."""
+    goal = objective(tmp_path, "t,cases,n\n1,5,20\n2,9,20\n", loss="binomial_nll",
+                     simulated="count", n_output="people")
+    output = replicate(t=[0, 1, 2], cases=[0, 2500, 4000], people=[10_000, 10_000, 8_000])
+    expected = -stats.binom(20, [0.25, 0.5]).logpmf([5, 9]).sum()
+    assert goal.evaluate([output]) == pytest.approx(expected)
+    with pytest.raises(ModelOutputError, match=r"model output has no 'people'"):
+        goal.evaluate([replicate(t=[0, 1, 2], cases=[0, 1, 2])])
+
+
+def test_a_count_above_n_fails_the_trial_naming_the_point(tmp_path: Path) -> None:
+    goal = objective(tmp_path, "t,cases,n\n0,3,10\n1,4,10\n", loss="binomial_nll",
+                     simulated="count")
+    with pytest.raises(ModelOutputError, match=(
+        r"simulated: count needs 0 <= count <= n and n > 0 \(n from the data's 'n'\), "
+        r"got count 12 of n 10 at observed.csv line 3 \(t=1\)"
+    )):
+        goal.evaluate([replicate(t=[0, 1], cases=[3, 12])])
+    own = objective(tmp_path, "t,cases,n\n0,3,10\n", loss="binomial_nll",
+                    simulated="count", n_output="people")
+    with pytest.raises(ModelOutputError,
+                       match=r"n from model output 'people'\), got count 1 of n 0"):
+        own.evaluate([replicate(t=[0], cases=[1], people=[0])])

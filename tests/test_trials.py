@@ -3,7 +3,6 @@ claims, a tell that another driver beat, the budget tally; and unsupported stora
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import optuna
@@ -21,6 +20,7 @@ from simcal.trials import (
     RETRY_OF,
     RUN_ID,
     DriverLease,
+    LeaseObserver,
     Told,
     ask,
     driver_view,
@@ -49,21 +49,31 @@ def _asked(study: optuna.Study, run_id: str) -> optuna.Trial:
 
 
 def test_a_live_lease_keeps_its_trials_and_a_stale_one_loses_them(study: optuna.Study) -> None:
+    """A lease is as old as the time this observer has seen its renewal counter unchanged,
+    on the observer's own clock: the wall times the drivers write play no part."""
+    now = [0.0]
+    observer = LeaseObserver(clock=lambda: now[0])
     live, dead = DriverLease(study, "live", interval=60), DriverLease(study, "dead", interval=60)
     live.renew()
     dead.renew()
     mine, theirs, orphan = _asked(study, "live"), _asked(study, "dead"), _asked(study, "me")
-    now = time.time()
-    assert stale_trials(study, "me", grace=30, now=now) == []  # both leases are fresh
-    stale = stale_trials(study, "me", grace=30, now=now + 31)
-    assert {t.number for t in stale} == {mine.number, theirs.number}  # both expired
-    live.renew()  # the live driver renews: only the dead one's trial is stale
-    assert [t.number for t in stale_trials(study, "me", grace=30, now=time.time() + 5)] == []
-    dead._clock = lambda: time.time() - 100  # its last renewal is long past
-    dead.renew()
-    assert [t.number for t in stale_trials(study, "me", grace=30)] == [theirs.number]
-    assert recover_stale(study, "me", grace=30) == [theirs.number]
-    assert recover_stale(study, "me", grace=30) == []  # claimed once only
+    ownerless = study.ask(SPACE)  # its driver died between ask and recording itself
+    assert stale_trials(study, "me", 30, observer) == []  # first seen: fresh
+    now[0] = 29.0
+    assert stale_trials(study, "me", 30, observer) == []
+    now[0] = 31.0
+    stale = stale_trials(study, "me", 30, observer)
+    assert {t.number for t in stale} == {mine.number, theirs.number, ownerless.number}
+    live.renew()  # the live driver renews: only the dead one's trials are stale
+    now[0] = 40.0
+    assert {t.number for t in stale_trials(study, "me", 30, observer)} == {
+        theirs.number, ownerless.number
+    }
+    now[0] = 69.0  # the live lease's change was seen at 40: 29 s ago
+    assert theirs.number in {t.number for t in stale_trials(study, "me", 30, observer)}
+    assert stale_trials(study, "me", 30) == []  # a fresh observer has seen nothing age
+    assert recover_stale(study, "me", 30, observer=observer) == [theirs.number, ownerless.number]
+    assert recover_stale(study, "me", 30, observer=observer) == []  # claimed once only
     trials = {t.number: t for t in study.get_trials()}
     assert trials[theirs.number].user_attrs[FAIL_REASON] == INTERRUPTED
     retry = [t for t in trials.values() if t.user_attrs.get(RETRY_OF) == theirs.number]
@@ -188,6 +198,33 @@ def test_lease_grace_must_span_two_renewals() -> None:
     with pytest.raises(ConfigError, match="lease_grace: must be at least twice lease_interval"):
         demo_config({"lease_interval": 5, "lease_grace": 9})
     assert demo_config({"lease_interval": 1, "lease_grace": 2}).lease_grace == 2
+
+
+def test_every_optuna_the_package_admits_is_verified() -> None:
+    """pyproject.toml bounds optuna to the releases VERIFIED_OPTUNA lists: a plain
+    `pip install .` can resolve to no release that takes Optuna's public (slow) paths, and
+    admits every verified one."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from simcal.optuna_internals import VERIFIED_OPTUNA
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    (optuna_req,) = [Requirement(d) for d in dependencies if Requirement(d).name == "optuna"]
+    releases = sorted(tuple(int(p) for p in v.split(".")) for v in VERIFIED_OPTUNA)
+    for major, minor in releases:
+        assert optuna_req.specifier.contains(f"{major}.{minor}.0"), (major, minor)
+        assert optuna_req.specifier.contains(f"{major}.{minor}.9"), (major, minor)
+    newest = releases[-1]
+    for unverified in (f"{newest[0]}.{newest[1] + 1}.0", f"{newest[0] + 1}.0.0"):
+        assert not optuna_req.specifier.contains(unverified), unverified
+    oldest = releases[0]
+    if oldest[1] > 0:
+        assert not optuna_req.specifier.contains(f"{oldest[0]}.{oldest[1] - 1}.0")
+    else:
+        assert not optuna_req.specifier.contains(f"{oldest[0] - 1}.99.0")
 
 
 def test_an_unverified_optuna_takes_the_public_storage_path(

@@ -41,13 +41,20 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_study_config(args: argparse.Namespace, **overrides: Any) -> CalibrationConfig:
     """The config those arguments name (the SEIR demo without ``--config``), with ``--study``
-    and ``--storage`` (else ``$SIMCAL_STORAGE``) and ``overrides`` applied."""
+    and ``--storage`` (else ``$SIMCAL_STORAGE``) and ``overrides`` applied.
+
+    One rule for paths: a relative SQLite path in ``--storage`` or ``$SIMCAL_STORAGE`` is the
+    current directory's; one in the config file's ``storage`` is the config's folder's (as
+    its data paths are); the demo's default ``sqlite:///simcal.db`` is the current directory's.
+    """
     import os
+    from pathlib import Path
 
-    from simcal.config import demo_config, load_config
+    from simcal.config import demo_config, load_config, resolve_sqlite_path
 
+    storage = args.storage or os.environ.get("SIMCAL_STORAGE")
     overrides["study"] = args.study
-    overrides["storage"] = args.storage or os.environ.get("SIMCAL_STORAGE")
+    overrides["storage"] = storage and resolve_sqlite_path(storage, Path.cwd())
     if args.config is None:
         return demo_config(overrides)
     return load_config(args.config, overrides)

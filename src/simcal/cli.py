@@ -21,6 +21,7 @@ from simcal.bench.cli import add_bench_parser
 from simcal.config import CalibrationConfig, ConfigError, load_config
 from simcal.exits import (
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_NO_TRIAL,
     EXIT_OK,
     EXIT_USAGE,
@@ -82,6 +83,12 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-trials", type=_positive_int, help="trial budget (overrides config)")
     run.add_argument("--mode", choices=("streaming", "batch"), help="overrides the config")
     run.add_argument("--grace-period", type=_seconds, help="seconds to finish trials on SIGTERM")
+    run.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="continue a study whose parameter ranges differ from the config's (widened on "
+        "purpose); other changes need a new study name",
+    )
     run.add_argument("--summary", type=Path, help="write the JSON summary to this file")
     run.add_argument("--metrics-port", type=_port, default=8000, help="0 disables")
     run.add_argument("--metrics-host", default="0.0.0.0", help="metrics bind address")
@@ -156,28 +163,20 @@ def _security(args: argparse.Namespace) -> object | None:
 
 def _check_targets(config: CalibrationConfig) -> None:
     """Load every target's observed data now, so a bad file fails before anything starts."""
-    from simcal.targets import load_observed
+    from simcal.api import check_targets
 
-    for index, target in enumerate(config.targets):
-        try:
-            load_observed(target)
-        except Exception as exc:
-            raise ConfigError(
-                f"invalid config:\n  targets.{index}.observed: {type(exc).__name__}: {exc}"
-            ) from None
+    check_targets(config)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``simcal run``: the calibration."""
-    from simcal.cluster import ClusterOptions, connect
-    from simcal.driver import Calibration, RunStats
+    """``simcal run``: the calibration (wired by :func:`simcal.api.drive`, as the API runs)."""
+    from simcal.api import drive, nothing_to_do, open_run_study, run_facts
+    from simcal.cluster import ClusterOptions
+    from simcal.driver import RunStats
+    from simcal.failfast import STOP_REASON
     from simcal.metrics import Metrics
-    from simcal.probe import probe_cluster
-    from simcal.progress import ProgressReporter
-    from simcal.report import summarize
-    from simcal.samplers import make_sampler
-    from simcal.service import SimulationService
-    from simcal.storage import open_study
+    from simcal.studyshape import check_shape
+    from simcal.summary import summarize
 
     config = resolve_study_config(
         args,
@@ -196,9 +195,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         from simcal.cluster import check_scheduler_address
 
         check_scheduler_address(scheduler, source, security)
-    study = open_study(config.storage, config.study, make_sampler(config.sampler, config.seed))
-    if _nothing_to_do(study, config):  # before a cluster is started for nothing
-        _write_summary(args, summarize(study, RunStats(), _run_facts(config, 0)))
+    study = open_run_study(config)
+    check_shape(study, config, allow_change=args.allow_config_change)  # before nothing-to-do
+    if nothing_to_do(study, config):  # before a cluster is started for nothing
+        _write_summary(args, summarize(study, RunStats(), run_facts(config, 0)))
         return EXIT_OK
     metrics = Metrics(config.study)
     http = None
@@ -226,17 +226,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         security=security,
     )
     metrics.set_min_workers(options.required_workers)
+    stoppers: list[Any] = []  # the calibration's request_stop, once it exists
+    _on_signals(stoppers)
     try:
-        with connect(options) as client:
-            if client.dashboard_link:
-                log.info("Dask dashboard: %s", client.dashboard_link)
-            service = SimulationService(client)
-            probe_cluster(service, config)  # before any trial is asked: fail fast, count none
-            calibration = Calibration(config, service, study, metrics, progress=ProgressReporter())
-            _on_signals(calibration.request_stop)
-            stats = calibration.run()
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
-        _write_summary(args, summarize(study, stats, _run_facts(config, workers)))
+        stats, workers = drive(
+            config, study, metrics, cluster=options, signals=(), stoppers=stoppers
+        )
+        _write_summary(args, summarize(study, stats, run_facts(config, workers)))
         if args.metrics_linger and args.metrics_port:
             log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
@@ -244,6 +240,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics.close()
         if http is not None:
             http.close()
+    if stats.stop_reason.startswith(STOP_REASON):
+        print(
+            f"simcal: error: {stats.stop_reason}; fix it and run again (`simcal results` "
+            "shows each trial's error)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_TRIAL
     if stats.completed == 0 and stats.failed:
         reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(stats.errors.items()))
         print(
@@ -255,26 +258,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _nothing_to_do(study: Any, config: CalibrationConfig) -> bool:
-    """Whether the study already has its ``max_trials``; says so if it does."""
-    from simcal.trials import counted_trials, with_retries
-
-    done = with_retries(lambda: counted_trials(study), what="count trials")
-    if done < config.max_trials:
-        return False
-    log.warning(
-        "nothing to do: study %s has %d of %d trials; raise --max-trials to continue",
-        config.study, done, config.max_trials,
-    )
-    return True
-
-
-def _run_facts(config: CalibrationConfig, workers: int) -> dict[str, Any]:
-    from simcal.storage import redact
-
-    return {"mode": config.mode, "workers": workers, "storage": redact(config.storage)}
-
-
 def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     text = json.dumps(summary, indent=2, default=str)
     print(text)
@@ -282,17 +265,37 @@ def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
         args.summary.write_text(text + "\n", encoding="utf-8")
 
 
-def _on_signals(stop: Any) -> None:
+def _on_signals(stoppers: list[Any]) -> None:
+    """SIGTERM (an eviction, ``kill``): no new trials, those in flight get the grace period.
+    SIGINT (Ctrl-C in the terminal): stop now, as a CLI should: tell what has finished and
+    re-enqueue the rest (the local workers ignore it: :mod:`simcal.workersignals`).
+
+    Before the calibration exists (``stoppers`` empty: the cluster starts, the probe runs) no
+    trial has been asked and nothing needs telling: the process exits at once, 128 + the
+    signal (a KeyboardInterrupt raised there could be swallowed by a callback of Dask's).
+    Local workers notice their parent is gone and exit too.
+    """
     signals = []
 
     def handler(signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
+        if not stoppers:
+            print(f"simcal: {name} before the first trial: stopped, nothing to tell",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        stop = stoppers[-1]
         if signals:
             log.warning("%s again: stopping now; unfinished trials are re-enqueued", name)
+        elif signum == signal.SIGINT:
+            log.warning(
+                "%s: stopping now: finished trials are told, those in flight re-enqueued "
+                "for the next run", name,
+            )
         else:
             log.warning("%s: no new trials; finishing those in flight (again: stop now)", name)
+        now = bool(signals) or signum == signal.SIGINT
         signals.append(signum)
-        stop("signal")
+        stop("signal", now=now)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
@@ -300,8 +303,8 @@ def _on_signals(stop: Any) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     """``simcal results``: every stored trial as CSV or JSON."""
-    from simcal.report import format_rows, trial_rows
     from simcal.reporting.studies import load_existing_study
+    from simcal.summary import format_rows, trial_rows
 
     config = resolve_study_config(args)
     study = load_existing_study(config.storage, config.study)  # never creates a storage
@@ -344,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from simcal.cluster import ClusterError
     from simcal.driver import SchedulerLostError
     from simcal.failures import describe
-    from simcal.probe import ProbeError
+    from simcal.probe import ModelFailsError, ProbeError
     from simcal.storage import StorageError, StorageURLError
 
     # after importing distributed, whose own logging setup sets its level to INFO
@@ -353,7 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return quiet_on_broken_pipe(lambda: args.handler(args))
-    except (ConfigError, StorageURLError) as exc:
+    except KeyboardInterrupt:  # Ctrl-C in another subcommand
+        print("simcal: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ConfigError, StorageURLError, ModelFailsError) as exc:
         print(f"simcal: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (StorageError, ClusterError, SchedulerLostError, ProbeError) as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -226,7 +228,27 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
         yield client
 
 
+# Preloaded in every local worker process: it ignores the terminal's Ctrl-C (the driver stops it).
+WORKER_PRELOAD = "simcal.workersignals"
+
+
 def _local_cluster(options: ClusterOptions) -> LocalCluster:
+    """A LocalCluster whose worker processes never get the terminal's Ctrl-C.
+
+    They are spawned with SIGINT ignored (a disposition a new process inherits, which Python
+    and Dask then leave alone), and :data:`WORKER_PRELOAD` ignores it in any worker the nanny
+    restarts later. A Ctrl-C while the cluster starts (a few seconds) is therefore lost too.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        return _start_local_cluster(options)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _start_local_cluster(options: ClusterOptions) -> LocalCluster:
     return LocalCluster(
         n_workers=options.workers,
         threads_per_worker=1,
@@ -235,4 +257,5 @@ def _local_cluster(options: ClusterOptions) -> LocalCluster:
         memory_limit=options.worker_memory_limit or "auto",
         security=options.security,
         host="127.0.0.1",
+        preload=[WORKER_PRELOAD],
     )

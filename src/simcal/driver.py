@@ -24,8 +24,10 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from simcal.config import CalibrationConfig
+from simcal.failfast import FailureStreak
 from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
+from simcal.optuna_internals import describe_fast_path, fast_path
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.samplers import make_sampler, run_seed
@@ -40,6 +42,7 @@ from simcal.trials import (
     RETRY_OF,
     SURPLUS,
     DriverLease,
+    LeaseObserver,
     Tally,
     Told,
     ask,
@@ -153,6 +156,7 @@ class Calibration:
         self._host = driver_host()
         self._stats.run_id, self._stats.host = service.run_id, self._host
         self._last_recovery = -math.inf
+        self._observer = LeaseObserver()  # other drivers' leases, aged on our monotonic clock
         self._stop_requested = threading.Event()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -160,14 +164,18 @@ class Calibration:
         self._last_refresh = -math.inf
         self._disconnected_since: float | None = None
         self._best_losses: list[float] = []  # the best STORED_FITS losses, ascending
+        self._streak = FailureStreak(config.stop_after_failures)
         # results recorded but not yet told, with what to do once told (or not: taken over)
         self._to_tell: list[tuple[Told, Callable[[], None]]] = []
 
     # -- public -------------------------------------------------------------------------------
 
-    def request_stop(self, reason: str = "signal") -> None:
-        """Stop asking; tell what finishes within the grace period (safe from signal handlers)."""
-        if self._stop_requested.is_set():
+    def request_stop(self, reason: str = "signal", *, now: bool = False) -> None:
+        """Stop asking; tell what finishes within the grace period, or (``now``) only what has
+        finished, re-enqueueing the rest (safe from signal handlers)."""
+        if self._stop_requested.is_set() or now:
+            self._stop_reason = self._stop_reason or reason
+            self._stop_requested.set()
             self._grace_deadline = self._clock()  # a second request: stop now
             return
         self._stop_reason = reason
@@ -190,13 +198,16 @@ class Calibration:
         self._reseed()
         self._count()
         self._init_best()
+        paths = fast_path(self.study)
+        self.metrics.set_fast_path(paths["storage"], paths["sampler"])
         log.info(
-            "study %s: %d of %d trials already done; mode %s, sampler %s",
+            "study %s: %d of %d trials already done; mode %s, sampler %s; %s",
             self.config.study,
             self._counted,
             self.config.max_trials,
             self.config.mode,
             self.config.sampler,
+            describe_fast_path(paths),
         )
         try:
             with self.progress:
@@ -351,7 +362,11 @@ class Calibration:
         self._last_recovery = now
         with self._storage("other"):
             recovered = recover_stale(
-                self.study, self.service.run_id, self.config.lease_grace, self._distributions
+                self.study,
+                self.service.run_id,
+                self.config.lease_grace,
+                self._distributions,
+                self._observer,
             )
         if recovered:
             self._stats.recovered += len(recovered)
@@ -446,6 +461,7 @@ class Calibration:
             losses[0].replicate_seconds + sum(i.aggregation_seconds for i in losses), 4
         )
         def told() -> None:
+            self._streak.succeeded()
             self._stats.pruned += 1
             self.metrics.trial_pruned(seconds)
 
@@ -498,6 +514,7 @@ class Calibration:
         if self._among_best(total):  # what the report's fit figure shows (docs/architecture.md)
             attrs.update({f"{FIT_ATTR_PREFIX}{i.target}": i.summary for i in losses if i.summary})
         def told() -> None:
+            self._streak.succeeded()
             self._stats.completed += 1
             if improved:
                 self.metrics.set_best_loss(total)
@@ -515,6 +532,9 @@ class Calibration:
             self._stats.errors[reason.value] = self._stats.errors.get(reason.value, 0) + 1
             self.metrics.trial_failed(reason, seconds)
             log.warning("trial %d failed (%s): %s", run.trial.number, reason.value, describe(error))
+            cause = self._streak.failed(reason, describe(error))
+            if cause and not self._stop_requested.is_set():  # stop now: they would fail alike
+                self.request_stop(cause, now=True)
 
         self._tell(Told(run.trial, state=TrialState.FAIL, attrs=attrs), told)
 

@@ -1,9 +1,11 @@
 """Exit statuses of the ``simcal`` command, one place for every subcommand.
 
 0 done; 1 runtime failure (scheduler lost, storage unusable, the Kubernetes API refused);
-2 bad config or arguments; 3 a run that completed no trial (every trial it ran failed);
+2 bad config or arguments (also: the model fails alike for every seed at the probe); 3 a run
+that completed no trial (every trial it ran failed) or that `stop_after_failures` stopped;
 141 (128 + SIGPIPE) the reader of stdout went away, as ``simcal results | head``: quietly,
-as Unix tools do.
+as Unix tools do; 130 (128 + SIGINT) Ctrl-C before a run's first trial (a run stopped by
+Ctrl-C once running tells what finished and exits 0), 143 SIGTERM then.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NO_TRIAL = 3
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def quiet_on_broken_pipe(command: Callable[[], int]) -> int:

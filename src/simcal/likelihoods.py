@@ -49,6 +49,26 @@ def check_simulated(target: str, loss: str, simulated: np.ndarray, labels: list[
         )
 
 
+def probability_of_counts(
+    target: str, counts: np.ndarray, n: np.ndarray, labels: list[str], source: str
+) -> np.ndarray:
+    """A simulated count ``x`` of ``n`` as the probability ``x / n`` (binomial-family losses
+    with ``simulated: count``); fails the trial, naming the first bad point, unless
+    ``0 <= x <= n`` and ``n > 0``. ``source`` says where ``n`` came from, for the message."""
+    x = np.asarray(counts, dtype=np.float64)
+    total = np.broadcast_to(np.asarray(n, dtype=np.float64), x.shape)
+    check_simulated(target, "count", x, labels)
+    bad = ~np.isfinite(total) | (total <= 0) | (x < 0) | (x > total)
+    if bad.any():
+        index = int(np.argwhere(bad)[0][-1])
+        raise ModelOutputError(
+            f"target {target!r}: simulated: count needs 0 <= count <= n and n > 0 "
+            f"(n from {source}), got count {x[bad][0]:g} of n {total[bad][0]:g} at "
+            f"{_label(labels, index)}"
+        )
+    return x / total
+
+
 def _label(labels: list[str], index: int) -> str:
     return labels[index] if index < len(labels) else f"index {index}"
 

@@ -122,18 +122,20 @@ class Metrics:
         self.best_loss = Gauge(
             "simcal_best_loss", "Best loss found so far.", labels, registry=self.registry
         )
-        build = Info(  # exported as simcal_build_info{...} 1
-            "simcal_build", "Versions of simcal and its engine (value 1).", registry=self.registry
+        self._build = Info(  # exported as simcal_build_info{...} 1
+            "simcal_build",
+            "Versions of simcal and its engine, and whether the run takes the fast storage and "
+            "sampler paths (value 1).",
+            registry=self.registry,
         )
-        build.info(
-            {
-                "version": version("simcal"),
-                "python": platform.python_version(),
-                "dask": version("dask"),
-                "distributed": version("distributed"),
-                "optuna": version("optuna"),
-            }
-        )
+        self._build_labels = {
+            "version": version("simcal"),
+            "python": platform.python_version(),
+            "dask": version("dask"),
+            "distributed": version("distributed"),
+            "optuna": version("optuna"),
+        }
+        self._build.info(self._build_labels)
         for status in ("completed", "failed", "pruned"):
             self.trials.labels(study, status)
         for reason in FailureReason:
@@ -208,6 +210,13 @@ class Metrics:
         if threads:
             self._occupancy.add(busy_threads / threads)
             self._occupancy_samples.add()
+
+    def set_fast_path(self, storage: bool, sampler: bool) -> None:
+        """Which path the run takes, as ``simcal_build_info`` labels: ``fast_path`` (both
+        fast), ``fast_path_storage``, ``fast_path_sampler`` ("true"/"false")."""
+        flags = {"fast_path": storage and sampler, "fast_path_storage": storage}
+        flags["fast_path_sampler"] = sampler
+        self._build.info({**self._build_labels, **{k: str(v).lower() for k, v in flags.items()}})
 
     def set_min_workers(self, workers: int) -> None:
         self.min_workers.labels(self.study).set(workers)

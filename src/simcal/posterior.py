@@ -123,12 +123,7 @@ def posterior(
         )
         summary[name] = {"median": q50, "ci50": [q25, q75], "ci90": [q05, q95]}
     warnings = []
-    if ess < LOW_ESS:
-        warnings.append(
-            f"effective sample size {ess:.1f} < {LOW_ESS:.0f}: intervals are unreliable; "
-            "run more trials (or a random sampler) before trusting them"
-        )
-    return {
+    result = {
         "method": method,
         "method_description": DESCRIPTIONS[method].format(quantile=quantile),
         "trials_proposed": len(proposals),
@@ -137,6 +132,24 @@ def posterior(
         "parameters": summary,
         "warnings": warnings,
     }
+    if ess < LOW_ESS:
+        more = more_trials_needed(ess, int(completed.sum()))
+        result["more_trials_needed"] = more
+        warnings.append(
+            f"effective sample size {ess:.1f} < {LOW_ESS:.0f}: intervals are unreliable; "
+            f"about {more} more trials are needed (estimate: the ESS grows in proportion to "
+            f"completed trials at this study's rate, {ess / completed.sum():.3g} per trial; "
+            "an optimizer that narrows its proposals, like TPE, grows it more slowly, "
+            "sampler: random does not)"
+        )
+    return result
+
+
+def more_trials_needed(ess: float, completed: int, wanted: float = LOW_ESS) -> int:
+    """Completed trials still needed for an ESS of ``wanted``, if the ESS keeps growing in
+    proportion to completed trials (``ess / completed`` per trial, as for independent
+    proposals from a fixed distribution)."""
+    return max(math.ceil(completed * wanted / max(ess, 1e-9)) - completed, 1)
 
 
 DESCRIPTIONS = {
@@ -167,6 +180,21 @@ def study_proposals(study: Any) -> list[Proposal]:
         for t in study.get_trials(deepcopy=False)
         if t.params
     ]
+
+
+def study_posterior(
+    study: Any, config: CalibrationConfig, *, method: str = "auto", quantile: float = 0.1
+) -> dict[str, Any]:
+    """``simcal posterior``'s JSON for a study: the method ``auto`` picks, the intervals and
+    the warnings that apply to the config's targets (raises :class:`PosteriorError`)."""
+    method = choose_method(config, method)
+    result = posterior(study_proposals(study), config.parameters, method=method, quantile=quantile)
+    result = {"study": config.study, **result}
+    if method == "importance" and any(t.loss not in LIKELIHOODS for t in config.targets):
+        result["warnings"].append("a target's loss is not a likelihood: read exp(-loss) with care")
+    if method == "importance" and any(t.weight != 1 for t in config.targets):
+        result["warnings"].append("target weights != 1 temper the likelihood (docs/posterior.md)")
+    return result
 
 
 # -- the command ---------------------------------------------------------------------------------
@@ -206,19 +234,22 @@ def cmd_posterior(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {str(args.out)!r}: directory does not exist")
     # never creates a database file; a missing study exits 2 listing the studies there
     study = load_existing_study(config.storage, config.study)
-    method = choose_method(config, args.method)
     try:
-        result = posterior(
-            study_proposals(study), config.parameters, method=method, quantile=args.quantile
-        )
+        result = study_posterior(study, config, method=args.method, quantile=args.quantile)
     except PosteriorError as exc:
         print(f"simcal: error: study {config.study!r}: {exc}", file=sys.stderr)
         return 1
-    result = {"study": config.study, **result}
-    if method == "importance" and any(t.loss not in LIKELIHOODS for t in config.targets):
-        result["warnings"].append("a target's loss is not a likelihood: read exp(-loss) with care")
-    if method == "importance" and any(t.weight != 1 for t in config.targets):
-        result["warnings"].append("target weights != 1 temper the likelihood (docs/posterior.md)")
+    if "more_trials_needed" in result:
+        from simcal.trials import counted_trials
+
+        total = counted_trials(study) + result["more_trials_needed"]
+        again = ["simcal", "run"] + (["--config", str(args.config)] if args.config else [])
+        again += (["--study", args.study] if args.study else []) + ["--max-trials", str(total)]
+        result["continue_with"] = " ".join(again)
+        result["warnings"].append(
+            f"`{result['continue_with']}` continues this same study up to {total} trials "
+            "(--max-trials counts the trials it already has), then run simcal posterior again"
+        )
     for warning in result["warnings"]:
         log.warning("%s", warning)
     text = json.dumps(result, indent=2)

@@ -15,9 +15,13 @@ optimizer for anything, so a broken setup fails fast and no trial counts against
 A worker that cannot import, an output that is not arrays, or a key/shape mismatch raises
 :class:`ProbeError` naming the module, the worker and the real exception, or the mismatch
 (``simcal run`` exits 1): every trial would fail the same way. An exception of the model's
-own at the probe parameters (or a hang, or a lost worker) is only logged: a stochastic model
-may fail at one point, and trials tell their own failures. ``simcal check-config --probe`` runs
-step 2 in-process with :func:`probe_locally` (exit 2 on failure: the config does not work).
+own at the probe parameters is retried with other seeds (:data:`PROBE_SEEDS` calls in all):
+the same exception every time raises :class:`ModelFailsError` (``simcal run`` exits 2; a
+``KeyError`` also lists the config's parameters: a misnamed parameter fails every trial);
+a failure that varies with the seed (or a hang, or a lost worker) is only logged: a
+stochastic model may fail at one point, and trials tell their own failures.
+``simcal check-config --probe`` runs step 2 in-process with :func:`probe_locally` (exit 2 on
+failure: the config does not work).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from simcal.config import BUILTIN_LOSSES, CalibrationConfig
 from simcal.failures import (
@@ -52,6 +58,14 @@ class ProbeError(RuntimeError):
     """The cluster cannot run the model, or the model's output does not fit the targets."""
 
 
+class ModelFailsError(ProbeError):
+    """The model raised the same exception for every seed at the probe parameters: the
+    config (a parameter's name, a model option) or the model is wrong, not one trial."""
+
+
+PROBE_SEEDS = 3  # calls at the probe parameters before a model's own exception stops the run
+
+
 def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
     """The midpoint of every parameter's range (geometric on a log scale)."""
     return {
@@ -63,7 +77,8 @@ def probe_parameters(config: CalibrationConfig) -> dict[str, float]:
 def references(config: CalibrationConfig) -> list[str]:
     """The ``module:callable`` references workers import: the model and each user loss."""
     losses = [t.loss for t in config.targets if t.loss not in BUILTIN_LOSSES]
-    return list(dict.fromkeys([config.model, *losses]))
+    model = [config.model] if isinstance(config.model, str) else []  # a function: by value
+    return list(dict.fromkeys([*model, *losses]))
 
 
 LOADED_DIGEST = "__simcal_sha256__"
@@ -210,13 +225,17 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
         if classify(outcome) is FailureReason.MODEL_IMPORT or isinstance(
             outcome, ModelOutputError
         ):  # every trial would fail the same way
-            raise _fail(f"one call of {config.model} on the cluster", [describe(outcome)], params)
+            raise _fail(
+                f"one call of {config.model_label} on the cluster", [describe(outcome)], params
+            )
+        if classify(outcome) is FailureReason.SIMULATION_ERROR:
+            _fail_if_every_seed_fails(service, config, params, outcome)
         # An error of the model's own at one point (or a hang, a lost worker) is what trials
         # tell, one by one; it says nothing about the setup.
         log.warning(
             "probe: one call of %s at the probe parameters failed (%s); the import check "
             "passed, so the calibration starts and each trial tells its own outcome",
-            config.model,
+            config.model_label,
             describe(outcome),
         )
         service.cancel([future])
@@ -226,13 +245,58 @@ def probe_cluster(service: SimulationService, config: CalibrationConfig) -> list
     assert isinstance(outcome, ReplicateOutput), f"unexpected probe result {outcome!r}"
     problems = check_output(config, outcome, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     log.info(
         "probe: %d worker(s) import %s; one call at the probe parameters fits every target",
         len(service.client.scheduler_info(n_workers=-1)["workers"]),
         ", ".join(refs),
     )
     return shipped
+
+
+def _fail_if_every_seed_fails(
+    service: SimulationService,
+    config: CalibrationConfig,
+    params: Mapping[str, float],
+    first: BaseException,
+) -> None:
+    """The probe's call raised ``first``: call again with other seeds; the same exception
+    from every call raises :class:`ModelFailsError`."""
+    futures = service.submit_replicates(
+        config.model,
+        model_parameters(config, params),
+        PROBE_SEEDS - 1,
+        config.seed,
+        trial_id="probe",
+        model_options=config.model_options,
+        first=1,
+    )
+    outcomes = service.gather(futures, timeout=config.trial_timeout)
+    service.cancel(futures)
+    same = all(
+        isinstance(o, BaseException) and describe(o) == describe(first) for o in outcomes
+    )
+    if not same:
+        return
+    problems = [describe(first)]
+    if isinstance(first, KeyError):
+        names = ", ".join(config.parameters) or "none"
+        problems.append(
+            f"a KeyError in the model often means a parameter it reads is named differently "
+            f"in the config; the config's parameters: {names}"
+        )
+    problems.append(
+        "fix the model or the config and run again: no trial was run, the budget is intact"
+    )
+    raise ModelFailsError(
+        _fail(
+            f"{config.model_label} raised the same exception for all {PROBE_SEEDS} seeds tried",
+            problems,
+            params,
+        ).args[0]
+    )
 
 
 def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
@@ -246,12 +310,37 @@ def probe_locally(config: CalibrationConfig) -> dict[str, Any]:
             config.model, model_parameters(config, params), config.seed, config.model_options
         )
     except Exception as exc:  # the user's model: report whatever it raised
-        raise _fail(f"one call of {config.model}", [describe(exc)], params) from None
+        raise _fail(f"one call of {config.model_label}", [describe(exc)], params) from None
     problems = check_output(config, output, params)
     if problems:
-        raise _fail(f"the output of {config.model} does not fit the targets", problems, params)
+        raise _fail(
+            f"the output of {config.model_label} does not fit the targets", problems, params
+        )
     return {
         "parameters": params,
         "outputs": {key or "<array>": list(a.shape) for key, a in output.outputs.items()},
+        "summary": summarize_outputs(output.outputs),
         "seconds": round(output.seconds, 4),
     }
+
+
+FIRST_VALUES = 5
+
+
+def summarize_outputs(outputs: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Each output in one line: shape, min, max and its first values (not every value)."""
+    lines = {}
+    for key, array in outputs.items():
+        flat = np.ravel(array)
+        first = ", ".join(f"{v:.6g}" for v in flat[:FIRST_VALUES])
+        more = ", ..." if flat.size > FIRST_VALUES else ""
+        finite = flat[np.isfinite(flat)]
+        span = (f"min {finite.min():.6g}, max {finite.max():.6g}" if finite.size
+                else "no finite value")
+        nonfinite = flat.size - finite.size
+        lines[key or "<array>"] = (
+            f"shape {tuple(array.shape)}, {span}"
+            + (f" ({nonfinite} not finite)" if nonfinite else "")
+            + f", first {first}{more}"
+        )
+    return lines

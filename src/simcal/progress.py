@@ -92,6 +92,11 @@ class ProgressReporter:
             f"best {snapshot.best_loss:.5g}  failed {snapshot.failed}  "
             f"in flight {snapshot.inflight}"
         )
+        self.show(snapshot, status, force=force)
+
+    def show(self, snapshot: Snapshot, status: str, *, force: bool = False) -> None:
+        """Draw one update (``status``: rate, best, failed, in flight): the bar, or a log line
+        every ``log_interval`` seconds (and the last one, ``force``)."""
         if self._bar is not None and self._task is not None:
             self._bar.update(
                 self._task, completed=snapshot.done, total=snapshot.total, status=status

@@ -18,7 +18,13 @@ __all__ = ["VERIFIED_OPTUNA", "CachedTPESampler", "make_sampler", "run_seed"]
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``."""
+    """The optimizer: ``tpe`` (constant liar: many trials in flight), ``random`` or ``cmaes``.
+
+    Optuna's samplers seed numpy's ``RandomState``, which refuses seeds >= 2**32: a larger
+    config ``seed`` (valid up to 2**63 - 1) is reduced through numpy's SeedSequence.
+    """
+    if not 0 <= seed < 2**32:
+        seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
     if name == "tpe":  # Optuna's TPE with a per-trial cache: same suggestions, cheaper asks
         options: dict[str, object] = {"constant_liar": True, "multivariate": True, "seed": seed}
         if not cached_tpe_verified():

@@ -25,15 +25,34 @@ from simcal.failures import NonFiniteLossError, ResultLostError
 from simcal.targets import load_observed, make_objective
 from simcal.tasks import aggregate, run_replicate
 
-__all__ = ["NonFiniteLossError", "ResultStream", "SimulationService", "replicate_seed"]
+__all__ = [
+    "SEED_MODULUS",
+    "NonFiniteLossError",
+    "ResultStream",
+    "SimulationService",
+    "replicate_seed",
+]
+
+
+SEED_MODULUS = 2**31 - 1
+"""Seeds handed to a model lie in [0, SEED_MODULUS): any seeding API accepts them (a prime)."""
 
 
 def replicate_seed(seed: int, trial_id: str, index: int) -> int:
-    """An independent, reproducible seed for one replicate of one trial (numpy SeedSequence)."""
-    sequence = np.random.SeedSequence(
-        entropy=seed, spawn_key=(zlib.crc32(trial_id.encode()), index)
-    )
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A reproducible seed in [0, 2**31 - 1] for one replicate of one trial, distinct within it.
+
+    numpy's SeedSequence, keyed by (seed, trial), draws a multiplier and an offset; the replicate
+    index then goes through two permutations of the integers modulo the prime 2**31 - 1 (affine,
+    then the fifth power, a bijection as gcd(5, 2**31 - 2) = 1): replicates of one trial never
+    share a seed, and the seeds of neighbouring replicates are not an arithmetic progression.
+    ``numpy.random.RandomState``, ``random.seed`` and Starsim's ``rand_seed`` accept them all.
+    """
+    key = np.random.SeedSequence(
+        entropy=seed, spawn_key=(zlib.crc32(trial_id.encode()),)
+    ).generate_state(2, dtype=np.uint64)
+    multiplier = 1 + int(key[0]) % (SEED_MODULUS - 1)
+    offset = int(key[1]) % SEED_MODULUS
+    return pow(multiplier * ((offset + index) % SEED_MODULUS) % SEED_MODULUS, 5, SEED_MODULUS)
 
 
 @dataclass(frozen=True)

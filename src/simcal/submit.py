@@ -243,13 +243,13 @@ def job_files(path: Path, config: CalibrationConfig) -> tuple[dict[str, bytes], 
                 files[relative.as_posix()] = file
 
     for index, target in enumerate(config.targets):
-        if target.observed.lower().endswith(".csv"):
-            carry(Path(target.observed), f"targets.{index}.observed", "data file")
+        if target.observed_file is not None:
+            carry(target.observed_file, f"targets.{index}.observed", "data file")
     references = [("model", config.model)] + [
         (f"targets.{i}.{key}", getattr(t, key))
         for i, t in enumerate(config.targets)
         for key in ("observed", "loss")
-        if ":" in getattr(t, key)
+        if isinstance(getattr(t, key), str) and ":" in getattr(t, key)
     ]
     for field, reference in references:
         source = local_code(top_module(reference))

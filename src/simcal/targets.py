@@ -84,7 +84,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _value_column(header: list[str], target: TargetSpec, path: Path) -> str:
+def _value_column(header: list[str], target: TargetSpec, path: Path | str) -> str:
     if target.name in header:
         return target.name
     others = [c for c in header if c not in (*TIME_COLUMNS, N_COLUMN)]
@@ -121,7 +121,7 @@ def read_csv(path: Path, target: TargetSpec) -> Observed:
             times = [c for c in header if c in TIME_COLUMNS]
             if len(times) > 1:
                 raise ObservedDataError(f"{path} line 1: both 't' and 'date' columns; keep one")
-            value_column = _value_column(header, target, path)
+            _value_column(header, target, path)  # before reading rows: the header's fault first
             rows: list[tuple[int, list[str]]] = []
             for row in reader:
                 line = reader.line_num
@@ -145,30 +145,68 @@ def read_csv(path: Path, target: TargetSpec) -> Observed:
             raise ObservedDataError(f"{path}: not UTF-8 text") from None
     if not rows:
         raise ObservedDataError(f"{path}: no data rows after the header")
+    return _from_rows(header, rows, target, path)
+
+
+def _from_rows(
+    header: list[str],
+    rows: list[tuple[int, list[str]]],
+    target: TargetSpec,
+    path: Path | str,
+    row: str = "line",
+) -> Observed:
+    """Observed data from a header and its text rows (numbered: a file's lines, a table's
+    rows); every rule of the CSV format applies, messages name ``path`` and the ``row``."""
+    if len(set(header)) != len(header):
+        raise ObservedDataError(f"{path}: duplicate column names in {header}")
+    times = [c for c in header if c in TIME_COLUMNS]
+    if len(times) > 1:
+        raise ObservedDataError(f"{path}: both 't' and 'date' columns; keep one")
+    value_column = _value_column(header, target, path)
     column = {name: index for index, name in enumerate(header)}
 
     def numbers(name: str) -> np.ndarray:
-        return np.array([_number(r[column[name]], f"{path} line {ln}", name) for ln, r in rows])
+        return np.array([_number(r[column[name]], f"{path} {row} {ln}", name) for ln, r in rows])
 
     values = numbers(value_column)
-    labels = [f"{path.name} line {line}" for line, _ in rows]
+    short = path.name if isinstance(path, Path) else path
+    labels = [f"{short} {row} {line}" for line, _ in rows]
     time_values = None
     if times:
         name = times[0]
         dated = name == "date"
-        time_values = _dates(rows, column[name], path, target) if dated else numbers(name)
+        time_values = _dates(rows, column[name], path, target, row) if dated else numbers(name)
         labels = [
             f"{label} ({name}={r[column[name]]})"
             for label, (_, r) in zip(labels, rows, strict=True)
         ]
         _check_increasing(time_values, labels)
     elif target.start_date is not None:
-        raise ObservedDataError(f"{path}: start_date is set but the file has no 'date' column")
+        raise ObservedDataError(f"{path}: start_date is set but there is no 'date' column")
     n = numbers(N_COLUMN) if N_COLUMN in column else None
     return Observed(values, time_values, n, tuple(labels))
 
 
-def _dates(rows: list[tuple[int, list[str]]], index: int, path: Path, target: TargetSpec) -> Any:
+def _from_inline(target: TargetSpec) -> Observed:
+    """Observed data given in Python (a DataFrame, a mapping of columns, an array), read by
+    the CSV format's rules: rows are numbered from 1 in messages."""
+    assert not isinstance(target.observed, str)
+    header = list(target.observed)
+    columns = [target.observed[name] for name in header]
+    size = len(columns[0])
+    if size == 0:
+        raise ObservedDataError(f"{target.observed_label}: no rows")
+    rows = [(index + 1, [str(column[index]) for column in columns]) for index in range(size)]
+    return _from_rows(header, rows, target, target.observed_label, row="row")
+
+
+def _dates(
+    rows: list[tuple[int, list[str]]],
+    index: int,
+    path: Path | str,
+    target: TargetSpec,
+    row_word: str = "line",
+) -> Any:
     if target.start_date is None:
         raise ObservedDataError(
             f"{path}: a 'date' column needs the target's start_date (the date of model t=0)"
@@ -180,7 +218,7 @@ def _dates(rows: list[tuple[int, list[str]]], index: int, path: Path, target: Ta
             days.append(float((date.fromisoformat(row[index]) - origin).days))
         except ValueError:
             raise ObservedDataError(
-                f"{path} line {line}: column 'date' is not an ISO date: {row[index]!r}"
+                f"{path} {row_word} {line}: column 'date' is not an ISO date: {row[index]!r}"
             ) from None
     return np.array(days)
 
@@ -217,7 +255,7 @@ def _from_callable(target: TargetSpec) -> Observed:
 
 
 def _check_counts(target: TargetSpec, data: Observed) -> None:
-    where = target.observed
+    where = target.observed_label
     if target.loss in COUNT_LIKELIHOODS:
         bad = (data.values < 0) | (data.values != np.round(data.values))
         if bad.any():
@@ -246,10 +284,12 @@ def _at(data: Observed, index: int) -> str:
 
 def load_target_data(target: TargetSpec) -> Observed:
     """A target's observed data, read and checked against its loss (bad data: ObservedDataError)."""
-    if target.observed.lower().endswith(".csv"):
-        data = read_csv(Path(target.observed), target)
-    else:
+    if target.observed_file is not None:
+        data = read_csv(target.observed_file, target)
+    elif target.observed_reference is not None:
         data = _from_callable(target)
+    else:
+        data = _from_inline(target)
     if data.values.size == 0 or not np.all(np.isfinite(data.values)):
         raise ObservedDataError(f"target {target.name!r}: observed data is empty or not finite")
     _check_counts(target, data)
@@ -318,6 +358,8 @@ class Objective:
     custom: LossFunction | str | None = None  # a ``module:callable`` reference, or a function
     dispersion: float | ParameterRef | None = None
     sd: float | ParameterRef | None = None
+    simulated: str = "probability"  # binomial family: "count" is a count of n, made x / n
+    n_output: str | None = None  # the model output holding n (else the data's ``n``)
 
     def bind(self, params: Mapping[str, float]) -> Objective:
         """This objective with its calibrated loss parameters taken from ``params``."""
@@ -330,26 +372,71 @@ class Objective:
 
     def __call__(self, simulated: np.ndarray, observed: np.ndarray) -> float:
         """The old loss signature (stacked replicates, observed values), for direct callers."""
-        return self._loss(np.asarray(simulated, dtype=np.float64))
+        stacked = np.asarray(simulated, dtype=np.float64)
+        if self.counts:
+            stacked = np.stack([self._probability(s, self.observed.n, "the data's 'n'")
+                                for s in stacked])
+        return self._loss(stacked)
+
+    @property
+    def counts(self) -> bool:
+        """Whether the model gives a count of n (``simulated: count``), not a probability."""
+        return self.simulated == "count"
 
     def evaluate(self, replicates: Sequence[Any]) -> float:
         """The loss of replicates (objects with ``.outputs``), aligned to the observed times."""
-        stacked = np.stack([self._aligned(r.outputs) for r in replicates])
+        stacked = np.stack([self._compared(r.outputs) for r in replicates])
         return self._loss(stacked)
 
-    def _aligned(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
-        if self.output_key in outputs:
-            values = outputs[self.output_key]
-        elif "" in outputs:
-            values = outputs[""]
-        else:
-            raise ModelOutputError(
-                f"model output has no {self.output_key!r}; it has {sorted(outputs)}"
-            )
+    def _compared(self, outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """One replicate as the loss compares it: aligned, a count turned into x / n."""
+        values = self._aligned(outputs, self.output_key)
+        if not self.counts:
+            return values
+        if self.n_output is None:
+            return self._probability(values, self.observed.n, "the data's 'n'")
+        n = self._aligned(outputs, self.n_output)
+        return self._probability(values, n, f"model output {self.n_output!r}")
+
+    def _probability(self, counts: np.ndarray, n: np.ndarray | None, source: str) -> np.ndarray:
+        assert n is not None, "binomial data has an 'n' (checked when loaded)"
+        return likelihoods.probability_of_counts(
+            self.target, counts, n, list(self.observed.labels), source
+        )
+
+    def fit_series(
+        self, outputs: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One replicate's whole output as the fit figure shows it, and its times (None for
+        data without times): a count of the model's own ``n_output`` as the proportion x / n,
+        anything else as the model returned it."""
+        values = self._output(outputs, self.output_key)
+        if self.counts and self.n_output is not None:
+            n = self._output(outputs, self.n_output)
+            if n.shape == values.shape:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values = values / n
+        if self.observed.times is None:
+            return values, None
+        times = outputs.get(TIME_KEY)
+        if times is None:
+            times = np.arange(values.shape[0], dtype=np.float64)  # t = 0, 1, 2, ...
+        return values, times if times.shape == values.shape else None
+
+    def _output(self, outputs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+        if key in outputs:
+            return outputs[key]
+        if "" in outputs and key == self.output_key:
+            return outputs[""]
+        raise ModelOutputError(f"model output has no {key!r}; it has {sorted(outputs)}")
+
+    def _aligned(self, outputs: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+        values = self._output(outputs, key)
         if self.observed.times is None:
             if values.shape != self.observed.values.shape:
+                what = "model output" if key == self.output_key else f"model output {key!r}"
                 raise ModelOutputError(
-                    f"target {self.target!r}: model output has shape {values.shape}, "
+                    f"target {self.target!r}: {what} has shape {values.shape}, "
                     f"observed data has shape {self.observed.values.shape}"
                 )
             return values
@@ -358,7 +445,7 @@ class Objective:
             times = np.arange(values.shape[0], dtype=np.float64)  # t = 0, 1, 2, ...
         if values.ndim != 1 or times.shape != values.shape:
             raise ModelOutputError(
-                f"target {self.target!r}: model output {self.output_key!r} has shape "
+                f"target {self.target!r}: model output {key!r} has shape "
                 f"{values.shape} and 't' has shape {times.shape}; both must be 1-D, equal"
             )
         return values[align_indices(times, self.observed, self.align, self.target)]
@@ -405,4 +492,6 @@ def make_objective(target: TargetSpec) -> Objective:
         custom=None if target.loss in BUILTIN_LOSSES else target.loss,
         dispersion=target.dispersion,
         sd=target.sd,
+        simulated=target.simulated or "probability",
+        n_output=target.n_output,
     )

@@ -128,13 +128,16 @@ def _select(replicate: ReplicateOutput, key: str) -> np.ndarray:
 
 
 def summarize_replicates(
-    arrays: list[np.ndarray], max_points: int = SUMMARY_POINTS
+    arrays: list[np.ndarray],
+    max_points: int = SUMMARY_POINTS,
+    times: np.ndarray | None = None,
 ) -> dict[str, list[float]]:
     """The replicates of one output as its 5 %, 50 % and 95 % quantiles per point, bounded.
 
     Each replicate is flattened; at most ``max_points`` evenly spaced points are kept, ``x``
-    says which (positions in the flattened output). Values keep 6 significant digits, so a
-    summary is at most about 25 kB of JSON whatever the model returns.
+    says which (positions in the flattened output), and ``t`` their model times when
+    ``times`` (one per point of the output) is given. Values keep 6 significant digits, so a
+    summary is at most about 30 kB of JSON whatever the model returns.
     """
     stacked = np.stack([np.ravel(array) for array in arrays])
     size = stacked.shape[1]
@@ -144,7 +147,27 @@ def summarize_replicates(
     def compact(values: np.ndarray) -> list[float]:
         return [float(f"{value:.6g}") for value in values]
 
-    return {"x": x.tolist(), "q05": compact(q05), "median": compact(q50), "q95": compact(q95)}
+    summary = {"x": x.tolist(), "q05": compact(q05), "median": compact(q50),
+               "q95": compact(q95)}
+    if times is not None and np.size(times) == size:
+        summary["t"] = compact(np.ravel(times)[x])
+    return summary
+
+
+def _fit_series(
+    loss: Any, replicates: tuple[ReplicateOutput, ...], arrays: list[np.ndarray]
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """What the fit figure shows of each replicate, and the model's times if the data has
+    times and every replicate has the same (``Objective.fit_series``); else the outputs."""
+    series = getattr(loss, "fit_series", None)
+    if series is None:
+        return arrays, None
+    pairs = [series(replicate.outputs) for replicate in replicates]
+    times = pairs[0][1]
+    same = times is not None and all(
+        t is not None and np.array_equal(t, times) for _, t in pairs[1:]
+    )
+    return [values for values, _ in pairs], times if same else None
 
 
 def aggregate(
@@ -176,5 +199,6 @@ def aggregate(
     if not np.isfinite(value):
         raise NonFiniteLossError(f"target {target!r}: loss is {value}")
     replicate_seconds = sum(replicate.seconds for replicate in replicates)
-    summary = summarize_replicates(arrays)
+    shown, times = _fit_series(loss, replicates, arrays)
+    summary = summarize_replicates(shown, times=times)
     return TargetLoss(target, value, replicate_seconds, time.perf_counter() - start, summary)

@@ -2,13 +2,14 @@
 
 Several drivers may run one study on one storage at once. Each driver holds a *lease*: a
 study system attribute ``simcal:lease:<run_id>`` that a background thread renews every
-``interval`` seconds with the driver's wall-clock time. Every trial a driver asks carries its
-``run_id`` (and host or ``$POD_NAME``) as user attributes. A RUNNING trial whose lease has
-not been renewed for ``grace`` seconds (or was released without telling it) belongs to a
-dead driver: any live driver claims it (tells it failed as ``interrupted``, which only one
-claimant can do) and enqueues its parameters again. A driver never claims the trials of a
-live lease, and a driver that finds its own trial already told ("someone else told it")
-drops its result instead of crashing.
+``interval`` seconds by writing a renewal counter one higher. Every trial a driver asks
+carries its ``run_id`` (and host or ``$POD_NAME``) as user attributes. A RUNNING trial whose
+lease another driver has seen unchanged for ``grace`` seconds of its own monotonic clock (or
+that was released without telling it) belongs to a dead driver; no two hosts' clocks are
+ever compared (:class:`LeaseObserver`). Any live driver claims such a trial (tells it
+failed as ``interrupted``, which only one claimant can do) and enqueues its parameters
+again. A driver never claims the trials of a live lease, and a driver that finds its own
+trial already told ("someone else told it") drops its result instead of crashing.
 
 Asking writes the trial's parameters and owner in one transaction, telling its user
 attributes and state in one (on RDB storage; the private Optuna calls that takes live in
@@ -370,7 +371,12 @@ def tally(study: optuna.Study) -> Tally:
 
 
 class DriverLease:
-    """This driver's lease on a study, renewed by a daemon thread until :meth:`release`."""
+    """This driver's lease on a study, renewed by a daemon thread until :meth:`release`.
+
+    Each renewal writes a counter one higher (``renewals``); observers age the lease by how
+    long they have seen the counter unchanged on their own monotonic clock
+    (:class:`LeaseObserver`), so no driver's wall clock is compared with another's. The
+    wall time written beside it (``renewed``) is for people reading the study."""
 
     def __init__(
         self,
@@ -379,13 +385,12 @@ class DriverLease:
         *,
         interval: float = DEFAULT_LEASE_INTERVAL,
         host: str | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.study = study
         self.run_id = run_id
         self.host = host or driver_host()
         self.interval = interval
-        self._clock = clock
+        self._renewals = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -394,7 +399,13 @@ class DriverLease:
         return LEASE_PREFIX + self.run_id
 
     def renew(self, *, released: bool = False) -> None:
-        value = {"renewed": self._clock(), "host": self.host, "released": released}
+        self._renewals += 1
+        value = {
+            "renewals": self._renewals,
+            "renewed": time.time(),
+            "host": self.host,
+            "released": released,
+        }
         internals.set_study_system_attr(self.study, self.key, value)
 
     def start(self) -> None:
@@ -421,6 +432,33 @@ class DriverLease:
             log.warning("could not release the driver lease: %s", exc)
 
 
+class LeaseObserver:
+    """Ages other drivers' leases on this process's own monotonic clock.
+
+    The rule of Kubernetes leader election (``observedTime``): a lease is as old as the time
+    this observer has seen it unchanged, whatever clocks the drivers' hosts (or, on SQLite,
+    the database, which runs in each driver's process) keep. A lease first seen now is
+    fresh, so an observer judges a driver dead only after watching it for ``grace``; a
+    RUNNING trial without an owner likewise, from when this observer first saw it."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[object, tuple[object, float]] = {}
+
+    def unchanged_for(self, key: object, marker: object) -> float:
+        """Seconds this observer has seen ``key`` with this ``marker`` (0 when it changed)."""
+        now = self._clock()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != marker:
+            self._seen[key] = (marker, now)
+            return 0.0
+        return now - seen[1]
+
+    def forget_except(self, keys: Collection[object]) -> None:
+        """Drop what is no longer there (told trials), so memory stays bounded."""
+        self._seen = {k: v for k, v in self._seen.items() if k in keys}
+
+
 def _leases(study: optuna.Study) -> dict[str, Mapping[str, Any]]:
     attrs = internals.study_system_attrs(study)
     return {
@@ -434,74 +472,96 @@ def stale_trials(
     study: optuna.Study,
     own_run_id: str,
     grace: float,
-    now: float | None = None,
+    observer: LeaseObserver | None = None,
     trials: Iterable[FrozenTrial] | None = None,
 ) -> list[FrozenTrial]:
-    """RUNNING trials of other drivers whose lease is stale (older than ``grace`` seconds)
-    or released. A trial with no owner yet (its driver died between ask and recording itself)
-    is stale once it started more than ``grace`` seconds ago.
+    """RUNNING trials of other drivers whose lease ``observer`` has seen unchanged for more
+    than ``grace`` seconds, or that was released. A trial with no owner yet (its driver died
+    between ask and recording itself) is stale once ``observer`` has seen it so for more
+    than ``grace``. Without an observer (a fresh one) only released leases, and owners
+    without any lease, count as dead.
 
     On RDB storage the RUNNING trials and their owners are read from the database in one
     light query (never from a cached view), and only the stale ones are loaded in full."""
-    now = time.time() if now is None else now
+    observer = observer or LeaseObserver()
     if trials is None and internals.rdb(study) is not None:
         owners = internals.running_owners(study, RUN_ID)
-        if not owners:
-            return []
-        leases = _leases(study)
-        return [
-            internals.stored_trial(study, tid)
-            for tid, started, owner in owners
-            if _dead(owner, started, own_run_id, leases, grace, now)
+        leases = _leases(study) if owners else {}
+        dead = [
+            tid
+            for tid, _, owner in owners
+            if _dead(observer, tid, owner, own_run_id, leases, grace)
         ]
+        _forget(observer, [tid for tid, _, _ in owners], leases)
+        return [internals.stored_trial(study, tid) for tid in dead]
     if trials is None:
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    if not running:
-        return []
-    leases = _leases(study)
-    return [
+    leases = _leases(study) if running else {}
+    stale = [
         trial
         for trial in running
         if _dead(
+            observer,
+            internals.trial_id(trial),
             trial.user_attrs.get(RUN_ID),
-            trial.datetime_start.timestamp() if trial.datetime_start else 0.0,
             own_run_id,
             leases,
             grace,
-            now,
         )
     ]
+    _forget(observer, [internals.trial_id(t) for t in running], leases)
+    return stale
+
+
+def _forget(observer: LeaseObserver, trial_ids: list[int], leases: Mapping[str, Any]) -> None:
+    observer.forget_except({("trial", t) for t in trial_ids} | {("lease", r) for r in leases})
 
 
 def _dead(
+    observer: LeaseObserver,
+    trial: int,
     owner: str | None,
-    started: float,
     own_run_id: str,
     leases: Mapping[str, Mapping[str, Any]],
     grace: float,
-    now: float,
 ) -> bool:
     """Whether a RUNNING trial's driver is gone: the lease rule of :func:`stale_trials`."""
     if owner == own_run_id:
         return False
     lease = leases.get(owner) if owner else None
     if lease is not None:
-        return bool(lease.get("released")) or now - float(lease["renewed"]) > grace
+        if lease.get("released"):
+            return True
+        # the renewal counter (a lease of an older simcal: its renewal time, as a marker only)
+        marker = lease.get("renewals", lease.get("renewed"))
+        return _aged(observer.unchanged_for(("lease", owner), marker), grace)
     if owner is not None:
         return True  # a driver of a version without leases
-    return now - started > grace
+    return _aged(observer.unchanged_for(("trial", trial), None), grace)
+
+
+def _aged(unchanged: float, grace: float) -> bool:
+    """Past ``grace``; a grace of 0 (no grace: tests, a deliberate takeover) is past at once."""
+    return grace <= 0 or unchanged > grace
 
 
 def recover_stale(
-    study: optuna.Study, own_run_id: str, grace: float, names: Collection[str] = ()
+    study: optuna.Study,
+    own_run_id: str,
+    grace: float,
+    names: Collection[str] = (),
+    observer: LeaseObserver | None = None,
 ) -> list[int]:
     """Claim other drivers' stale RUNNING trials and enqueue them again; their numbers.
 
     ``names``: the study's parameter names; a trial without all of them was killed mid-ask
-    (never submitted) and is not retried."""
+    (never submitted) and is not retried. ``observer``: the caller's, kept across calls
+    (:func:`stale_trials`)."""
     recovered = []
-    stale = with_retries(lambda: stale_trials(study, own_run_id, grace), what="read leases")
+    stale = with_retries(
+        lambda: stale_trials(study, own_run_id, grace, observer), what="read leases"
+    )
     for trial in stale:
         if requeue(study, trial, names):
             recovered.append(trial.number)

@@ -40,9 +40,12 @@ WAITING = (
 
 
 class ReportSource:
-    """Where the live report's files are, and a way to ask for a fresh one."""
+    """Where the live report's files are (the folder of its last complete page, None before
+    the first), and a way to ask for a fresh one."""
 
-    def __init__(self, directory: Path, refresh: Callable[[], None], interval: float) -> None:
+    def __init__(
+        self, directory: Callable[[], Path | None], refresh: Callable[[], None], interval: float
+    ) -> None:
         self.directory = directory
         self.refresh = refresh
         self.interval = interval
@@ -103,13 +106,21 @@ def make_app(registry: CollectorRegistry, study: str, report: ReportSource | Non
             name = path.removeprefix("/report/") or "report.html"
             if name == "report.html":
                 report.refresh()
-            found = report_file(report.directory, name)
-            if found is None and name == "report.html":
-                return _respond(start_response, "503 Service Unavailable", WAITING.encode(),
-                                "text/html; charset=utf-8")
-            if found is not None:
-                kind = "image/png" if name.endswith(".png") else "text/html; charset=utf-8"
-                return _respond(start_response, "200 OK", found.read_bytes(), kind)
+            kind = "image/png" if name.endswith(".png") else "text/html; charset=utf-8"
+            for _ in range(2):  # a page swapped out and removed while read: the new one
+                folder = report.directory()  # once: the whole request reads one page's folder
+                found = None if folder is None else report_file(folder, name)
+                if found is None:
+                    break
+                try:
+                    return _respond(start_response, "200 OK", found.read_bytes(), kind)
+                except OSError:
+                    continue
+            if folder is None and name == "report.html":  # only before the first page
+                start_response("503 Service Unavailable", [
+                    ("Content-Type", "text/html; charset=utf-8"), ("Retry-After", "3"),
+                    ("Content-Length", str(len(WAITING))), ("Cache-Control", "no-store")])
+                return [WAITING.encode()]
         return _respond(start_response, "404 Not Found", b"not found\n", "text/plain")
 
     return app

@@ -10,6 +10,6 @@ Modules, one job each:
 - :mod:`~simcal.bench.optimizer_cost`: Optuna ask+tell time as the study grows
 - :mod:`~simcal.bench.checks`: the performance targets, checked against one run
 - :mod:`~simcal.bench.suite`: the settings (quick, default, full) and the run order
-- :mod:`~simcal.bench.report`: JSON, markdown and the PNG chart
+- :mod:`~simcal.bench.markdown`: the markdown report (and the JSON and PNG beside it)
 - :mod:`~simcal.bench.cli`: the ``bench`` subcommand
 """

@@ -49,7 +49,22 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         help="compare storages instead of the suite: a comma list of memory, default, sqlite, "
         "postgresql (streaming, W=8, d=0.05 and 0.2 s, R=5)",
     )
+    bench.add_argument(
+        "--starsim",
+        type=positive_int,
+        metavar="SEEDS",
+        help="only simcal vs Starsim's ss.Calibration on Starsim's SIR example (docs/starsim.md)",
+    )
     bench.add_argument("--postgres-url", help="the PostgreSQL URL for --storages postgresql")
+    bench.add_argument(
+        "--installs",
+        help="compare Python environments instead of the suite, paired: a comma list of "
+        "name=/path/to/python (e.g. pinned=.venv/bin/python,plain=/var/tmp/simcal-newest-optuna"
+        "/bin/python); streaming, W=8, R=5, d=0.05 s, default storage",
+    )
+    bench.add_argument(
+        "--rounds", type=positive_int, default=3, help="--installs: rounds (default: 3)"
+    )
     bench.add_argument(
         "--scale",
         action="store_true",
@@ -68,7 +83,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``simcal bench``: run the benchmark suite and write JSON, markdown and PNG."""
-    from simcal.bench.report import to_markdown, write_outputs
+    from simcal.bench.markdown import to_markdown, write_outputs
     from simcal.bench.suite import PRESETS, run_suite
 
     for name in QUIET_LOGGERS:
@@ -79,6 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return run_science(args.out, args.posterior, args.pruning)
     if args.storages:
         return _compare_storages(args)
+    if args.installs:
+        return _compare_installs(args)
+    if args.starsim:
+        from simcal.bench.starsim import run_bench
+
+        return run_bench(args.out, args.starsim, quick=args.quick)
     if args.scale:
         return _scale(args)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]
@@ -113,6 +134,30 @@ def _compare_storages(args: argparse.Namespace) -> int:
     (args.out / "storages.json").write_text(json.dumps(result, indent=2) + "\n")
     text = storages_markdown(result)
     (args.out / "storages.md").write_text(text)
+    print(text)
+    return 0
+
+
+def _compare_installs(args: argparse.Namespace) -> int:
+    import json
+
+    from simcal.bench.installs import compare_installs, installs_markdown, parse_installs
+    from simcal.config import ConfigError
+
+    try:
+        installs = parse_installs(args.installs)
+    except ValueError as exc:
+        raise ConfigError(f"--installs: {exc}") from None
+    if args.quick:
+        result = compare_installs(
+            installs, workers=2, duration=0.05, replicates=2, seconds=1.5, rounds=1
+        )
+    else:
+        result = compare_installs(installs, rounds=args.rounds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "installs.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = installs_markdown(result)
+    (args.out / "installs.md").write_text(text)
     print(text)
     return 0
 

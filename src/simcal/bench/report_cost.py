@@ -53,7 +53,7 @@ def _run(
     stop.set()
     poller.join()
     if report is not None:
-        report.close()  # lets a report being drawn finish, so it is counted
+        report.close(finish=True)  # a report being drawn finishes, so it is counted
     generations, report_seconds, report_cpu = (
         (report.generations, report.seconds, report.cpu_seconds) if report else (0, 0.0, 0.0)
     )

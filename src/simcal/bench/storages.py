@@ -18,7 +18,7 @@ from typing import Any
 
 import dask
 
-from simcal.bench.report import markdown_table
+from simcal.bench.markdown import markdown_table
 from simcal.bench.throughput import calibration_throughput
 from simcal.bench.workload import Workload
 from simcal.cluster import ClusterOptions, connect

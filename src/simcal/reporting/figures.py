@@ -9,6 +9,7 @@ import io
 import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
@@ -16,7 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from simcal.config import CalibrationConfig
+from simcal.config import BINOMIAL_LOSSES, CalibrationConfig, TargetSpec
+from simcal.targets import Observed
 from simcal.tasks import FIT_ATTR_PREFIX
 from simcal.trials import FAIL_REASON, INTERRUPTED
 
@@ -89,43 +91,115 @@ def fit_summary(trial: FrozenTrial, target: str) -> Mapping[str, list[float]] | 
     return None
 
 
+@dataclass(frozen=True)
+class FitScale:
+    """How a target's fit figure shows observed and simulated values on one scale."""
+
+    observed: np.ndarray  # flattened, on the figure's scale
+    label: str  # the y-axis: what both are
+
+
+def fit_scale(target: TargetSpec, observed: Observed) -> FitScale:
+    """Observed values on the scale of the stored simulated summary (``fit_series``)."""
+    values = np.ravel(observed.values).astype(np.float64)
+    if target.loss in BINOMIAL_LOSSES and observed.n is not None:
+        if target.simulated == "count" and target.n_output is None:
+            return FitScale(values, f"{target.name}: count of n (observed x; model count)")
+        model = "model count / its n" if target.simulated == "count" else "model probability"
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = values / np.ravel(observed.n)
+        return FitScale(share, f"{target.name}: proportion (observed x / n; {model})")
+    if target.loss in ("poisson_nll", "negative_binomial_nll"):
+        return FitScale(values, f"{target.name}: count (model: expected count)")
+    return FitScale(values, target.name)
+
+
+def _days(values: Sequence[float] | np.ndarray, start_date: str | None) -> np.ndarray:
+    """Times in days as numbers, or as dates (``datetime64[s]``) counted from ``start_date``."""
+    days = np.asarray(values, dtype=np.float64)
+    if start_date is None:
+        return days
+    seconds = np.round(days * 86400).astype("int64").astype("timedelta64[s]")
+    return np.datetime64(start_date, "s") + seconds
+
+
 def fit_figure(
-    target: str, observed: np.ndarray, ranked: Sequence[FrozenTrial], top: int
+    target: TargetSpec, observed: Observed, ranked: Sequence[FrozenTrial], top: int
 ) -> bytes:
+    """:func:`draw_fit` as PNG bytes."""
+    return _png(draw_fit(target, observed, ranked, top))
+
+
+def draw_fit(
+    target: TargetSpec, observed: Observed, ranked: Sequence[FrozenTrial], top: int
+) -> Figure:
     """Observed data against the best trial's replicate median and 5-95 % band, and the
     medians of the next best trials (faint)."""
+    return fit_axes(target, observed, ranked, top).figure
+
+
+def fit_axes(
+    target: TargetSpec, observed: Observed, ranked: Sequence[FrozenTrial], top: int
+) -> Axes:
+    """The fit figure's axes (its lines and band can be read back, e.g. by tests).
+
+    The x-axis is the data's time (``t``, or dates from ``start_date``) when it has times,
+    the observed points at their times and the model's summary at the model's times; data
+    without times is compared point by point, so both are drawn by position in the output.
+    Binomial-family data is shown as the proportion x / n against the simulated
+    probability, or as counts when the model gives a count of the data's own n.
+    """
+    name = target.name
     if not ranked:
         raise NoFigure("no trial completed, so there is no fit to show")
     best = ranked[0]
-    summary = fit_summary(best, target)
+    summary = fit_summary(best, name)
     if summary is None:
         raise NoFigure(
-            f"the best trial (#{best.number}) has no stored replicate summary for {target!r}: "
+            f"the best trial (#{best.number}) has no stored replicate summary for {name!r}: "
             "the study was run by a simcal that did not store them"
         )
+    scale = fit_scale(target, observed)
+    timed = observed.times is not None and "t" in summary
+    start = target.start_date if timed else None
+
+    def model_x(stored: Mapping[str, list[float]]) -> np.ndarray:
+        return _days(stored["t"], start) if timed and "t" in stored else np.asarray(stored["x"])
+
     figure = Figure(figsize=(9, 4.2))
     ax = figure.subplots(gridspec_kw=MARGINS)
     others = 0
     for trial in ranked[1:top]:
-        other = fit_summary(trial, target)
-        if other is not None:
-            ax.plot(other["x"], other["median"], color=OTHER_COLOUR, alpha=0.25, linewidth=1,
+        other = fit_summary(trial, name)
+        if other is not None and (not timed or "t" in other):
+            ax.plot(model_x(other), other["median"], color=OTHER_COLOUR, alpha=0.3,
+                    linewidth=1, zorder=2,
                     label="next best trials (median)" if others == 0 else None)
             others += 1
-    x = np.asarray(summary["x"])
-    ax.fill_between(x, summary["q05"], summary["q95"], color=BEST_COLOUR, alpha=0.22,
-                    linewidth=0, label="best trial: 5-95 % of replicates")
-    ax.plot(x, summary["median"], color=BEST_COLOUR, linewidth=2,
+    x = model_x(summary)
+    low, high = np.asarray(summary["q05"]), np.asarray(summary["q95"])
+    ax.fill_between(x, low, high, color=BEST_COLOUR, alpha=0.3, linewidth=0, zorder=1,
+                    label="best trial: 5-95 % of replicates")
+    for edge in (low, high):  # the band's edges: a band of zero width is still a line
+        ax.plot(x, edge, color=BEST_COLOUR, alpha=0.7, linewidth=0.8, zorder=3)
+    ax.plot(x, summary["median"], color=BEST_COLOUR, linewidth=1.4, zorder=4,
             label=f"best trial #{best.number}: median of replicates")
-    flat = np.ravel(observed)
-    ax.plot(np.arange(flat.size), flat, "o", color=OBSERVED_COLOUR, markersize=3,
-            label="observed")
-    ax.set_xlabel("time step (position in the output)")
-    ax.set_ylabel(target)
-    ax.set_title(f"{target}: observed data and the best fit (loss {best.value:.4g})")
+    if timed:
+        assert observed.times is not None
+        where = _days(observed.times, start)
+        axis = "date" if start else "time t"
+    else:
+        where = np.arange(scale.observed.size)
+        axis = "position in the output" + (
+            " (the study stored no model times)" if observed.times is not None else "")
+    ax.plot(where, scale.observed, "o", color=OBSERVED_COLOUR, markersize=6.5,
+            markeredgecolor="white", markeredgewidth=0.8, zorder=5, label="observed")
+    ax.set_xlabel(axis)
+    ax.set_ylabel(scale.label)
+    ax.set_title(f"{name}: observed data and the best fit (loss {best.value:.4g})")
     _style(ax)
     ax.legend(fontsize=9, framealpha=0.9, edgecolor="none")
-    return _png(figure)
+    return ax
 
 
 def _failure_rows(ax: Axes, failed: Sequence[FrozenTrial], x_of: object) -> None:

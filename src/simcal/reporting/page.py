@@ -27,7 +27,7 @@ from simcal.config import CalibrationConfig
 from simcal.progress import trials_per_minute
 from simcal.reporting import figures
 from simcal.storage import redact
-from simcal.targets import load_observed
+from simcal.targets import load_target_data
 from simcal.trials import FAIL_REASON, INTERRUPTED
 
 REPORT_FILE = "report.html"
@@ -76,9 +76,6 @@ def _draw(
     return figure
 
 
-def _observed(config: CalibrationConfig, name: str) -> np.ndarray:
-    target = next(t for t in config.targets if t.name == name)
-    return load_observed(target)
 
 
 def build_figures(
@@ -101,11 +98,13 @@ def build_figures(
             _draw(
                 f"fit-{target.name}.png",
                 f"Fit: {target.name}",
-                "Observed data (dots) against the best trial's replicates: their median "
-                "(line) and 5-95 % range (band), as the workers computed them during the run; "
-                f"faint lines: medians of the next {max(top - 1, 0)} best trials.",
+                "Observed data (dots, at their times when the data has times) against the "
+                "best trial's replicates: their median (line) and 5-95 % range (band), as "
+                "the workers computed them during the run; faint lines: medians of the next "
+                f"{max(top - 1, 0)} best trials. The y-axis says what is compared (binomial "
+                "data: the proportion x / n against the model's probability, or counts).",
                 lambda target=target: figures.fit_figure(
-                    target.name, _observed(config, target.name), ranked, top
+                    target, load_target_data(target), ranked, top
                 ),
                 cache,
                 best,
@@ -301,7 +300,7 @@ def render_page(
         f"<title>simcal report: {html.escape(config.study)}</title>",
         f"<style>{CSS}</style></head><body>",
         f"<h1>Calibration report: {html.escape(config.study)}</h1>",
-        f'<p class="sub">model <code>{html.escape(config.model)}</code> · storage '
+        f'<p class="sub">model <code>{html.escape(config.model_label)}</code> · storage '
         f"<code>{html.escape(redact(storage_url))}</code> · generated "
         f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M:%S UTC')}</p>",
         _status(config, summary, trials),

@@ -1,4 +1,4 @@
-"""The outputs of one run: the JSON document, a markdown report and a PNG chart."""
+"""A bench run as markdown (its tables), with the JSON document and PNG chart beside it."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from simcal.config import CalibrationConfig
 from simcal.driver import RunStats
+from simcal.optuna_internals import fast_path
 from simcal.progress import trials_per_minute
 from simcal.trials import FAIL_REASON, HOST, INTERRUPTED, RETRY_OF, RUN_ID
 
@@ -96,6 +97,8 @@ def summarize(study: optuna.Study, stats: RunStats, extra: dict[str, Any]) -> di
         "best_loss": best.value if best else None,
         "trials_per_minute": study_rate(trials),
         "errors": dict(Counter(t.user_attrs.get(FAIL_REASON, "unknown") for t in failed)),
+        # the storage and sampler path a run takes: false means a slower path than simcal's own
+        "fast_path": fast_path(study),
         "this_run": {
             "run_id": stats.run_id,
             "host": stats.host,

@@ -1,19 +1,9 @@
-"""Every private Optuna member simcal touches, in one module, behind one version guard.
+"""The driver's storage path: Optuna's RDB storage API below its public ``Study``/``Trial``.
 
-simcal relies on Optuna internals for speed in two places, and nowhere else:
-
-- **The driver's storage path** (:class:`DriverStorage`, :func:`ask`, :func:`write_finals`,
-  :func:`count_trials`, :func:`running_owners`): Optuna's RDB storage API below its public
-  ``Study``/``Trial`` methods, so that an ask writes its parameters and owner in one
-  transaction, a tell its attributes and state in one, the budget is two ``COUNT``s, and the
-  driver's own trials are never re-read from the database (docs/performance.md).
-- **The sampler** (:class:`CachedTPESampler`): ``TPESampler``'s private sampling members, so
-  that an ask does not redo Python work for every stored trial.
-
-On an Optuna release outside :data:`VERIFIED_OPTUNA`, or one lacking a member used here,
-:func:`storage_verified` and :func:`cached_tpe_verified` say no and the callers
-(:mod:`simcal.trials`, :func:`simcal.samplers.make_sampler`) take Optuna's public path, with
-one log line. tests/test_trials.py and tests/test_samplers.py force that fallback.
+An ask writes its parameters and owner in one transaction, a tell its attributes and state in
+one, the budget is two ``COUNT``s, and the driver's own trials are never re-read from the
+database (:class:`DriverStorage`; docs/performance.md). Only on an Optuna the guard admits
+(:func:`.guard.storage_verified`); :func:`rdb` is None otherwise.
 """
 
 from __future__ import annotations
@@ -21,67 +11,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
-import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import optuna
 import sqlalchemy
 from optuna.distributions import BaseDistribution, check_distribution_compatibility
-from optuna.samplers import TPESampler
 from optuna.storages import RDBStorage
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-try:  # private modules: a release that moves them takes the public paths (see the guards)
-    from optuna.samplers._tpe.sampler import default_gamma
+from simcal.optuna_internals.guard import storage_verified
+
+try:  # private modules: a release that moves them takes the public paths (see the guard)
     from optuna.storages._cached_storage import _CachedStorage, _StudyInfo
     from optuna.storages._rdb import models
     from optuna.storages._rdb.storage import _create_scoped_session
 except ImportError:  # pragma: no cover - only on an unverified Optuna
-    default_gamma = _CachedStorage = _StudyInfo = models = _create_scoped_session = None
+    _CachedStorage = _StudyInfo = models = _create_scoped_session = None
 
 if TYPE_CHECKING:
     from optuna.study import Study
 
-log = logging.getLogger(__name__)
-
-# Optuna releases (major.minor) verified against: tests/test_samplers.py compares
-# CachedTPESampler's suggestions with TPESampler's, tests/test_trials.py and
-# tests/test_multi_driver.py run the storage path. Add a release only after they pass on it.
-VERIFIED_OPTUNA = ("5.0",)
-# The private members CachedTPESampler relies on: of a TPESampler, of a Study.
-TPE_INTERNALS = (
-    "_sample",
-    "_constant_liar",
-    "_parzen_estimator_cls",
-    "_parzen_estimator_parameters",
-    "_rng",
-    "_n_ei_candidates",
-    "_compute_acquisition_func",
-    "_compare",
-    "_gamma",
-    "_get_params",
-)
 _RELATIVE_PARAMS_PREFIX = "tpe:relative_params"  # TPESampler's system attribute (constant liar)
-STUDY_INTERNALS = ("_is_multi_objective", "_get_trials", "_pop_waiting_trial_id")
-RDB_INTERNALS = (
-    "_get_trials",
-    "_set_trial_param_without_commit",
-    "check_trial_is_updatable",
-    "_set_trial_value_without_commit",
-    "_set_trial_attr_without_commit",
-)
-
-
-def _release(version: str | None) -> str:
-    return ".".join((version or optuna.__version__).split(".")[:2])
-
 
 # -- handles: a study's storage and ids ---------------------------------------------------------
 
@@ -115,17 +69,6 @@ def stored_trial(study: Study, trial: int) -> FrozenTrial:
 
 
 # -- the RDB storage path -------------------------------------------------------------------------
-
-
-def storage_verified(version: str | None = None) -> bool:
-    """Whether the RDB paths here may run on this Optuna (:data:`VERIFIED_OPTUNA`)."""
-    if _release(version) not in VERIFIED_OPTUNA or _CachedStorage is None:
-        return False
-    return (
-        all(hasattr(RDBStorage, name) for name in RDB_INTERNALS)
-        and all(hasattr(optuna.Study, name) for name in STUDY_INTERNALS)
-        and hasattr(models.TrialModel, "_datetime_start_utc")
-    )
 
 
 def rdb(study: Study) -> RDBStorage | None:
@@ -587,180 +530,3 @@ def ask(
         trial._suggest(name, distribution)
     storage.flush(trial_id, user_attrs)
     return trial
-
-
-# -- the sampler ----------------------------------------------------------------------------------
-
-Space = dict[str, BaseDistribution]
-Observations = dict[str, np.ndarray]
-
-
-def _internal(params: dict[str, Any], space: Space) -> list[float] | None:
-    """The parameters in the sampler's internal representation; None if one is missing."""
-    if not space.keys() <= params.keys():
-        return None
-    return [float(dist.to_internal_repr(params[name])) for name, dist in space.items()]
-
-
-class _History:
-    """The complete trials of one study and search space, appended as they are found."""
-
-    def __init__(self, key: tuple[object, ...], dimensions: int) -> None:
-        self.key = key
-        self.frontier = 0  # every trial before this position is finished and recorded
-        self.recorded: set[int] = set()
-        self.size = 0
-        self.numbers = np.empty(64, dtype=np.int64)
-        self.losses = np.empty(64)
-        self.params = np.empty((64, dimensions))
-        self.valid = np.empty(64, dtype=bool)
-
-    def add(self, number: int, loss: float, params: list[float] | None) -> None:
-        self.recorded.add(number)
-        if self.size == len(self.numbers):
-            for name in ("numbers", "losses", "params", "valid"):
-                array = getattr(self, name)
-                setattr(self, name, np.concatenate([array, np.empty_like(array)]))
-        index, self.size = self.size, self.size + 1
-        self.numbers[index], self.losses[index] = number, loss
-        self.valid[index] = params is not None
-        if params is not None:
-            self.params[index] = params
-
-
-class CachedTPESampler(TPESampler):
-    """``TPESampler`` whose asks do not grow with Python work per stored trial.
-
-    Optuna's ``TPESampler._sample`` redoes Python work for every stored trial on every ask
-    (constraint check, sort key, internal representation of the parameters), which grows to
-    tens of milliseconds an ask at a few thousand trials. This sampler records each complete
-    trial once, in numpy arrays, and on an ask only looks at the trials not yet finished. It
-    builds the same Parzen estimators from the same observations in the same order, so it
-    suggests exactly what ``TPESampler`` would with the same seed. Cases it does not cover
-    (several objectives, constraints, pruned trials, no constant liar) go to Optuna.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._covered = kwargs.get("constraints_func") is None and self._constant_liar
-        self._history: _History | None = None
-        self._running_rows: dict[int, tuple[int, list[float] | None]] = {}
-
-    def _sample(self, study: Study, trial: FrozenTrial, search_space: Space) -> dict[str, Any]:
-        if not self._covered or study._is_multi_objective() or not search_space:
-            return super()._sample(study, trial, search_space)
-        running = self._update(study, trial, search_space)
-        if running is None:  # pruned trials: Optuna's path
-            return super()._sample(study, trial, search_space)
-        below, above = self._split(study, running, search_space)
-        parameters = self._parzen_estimator_parameters
-        estimators = [
-            self._parzen_estimator_cls(observations, search_space, parameters)
-            for observations in (below, above)
-        ]
-        samples = estimators[0].sample(self._rng.rng, self._n_ei_candidates)
-        best = self._compare(samples, self._compute_acquisition_func(samples, *estimators))
-        return {name: dist.to_external_repr(best[name]) for name, dist in search_space.items()}
-
-    def _update(self, study: Study, trial: FrozenTrial, space: Space) -> list[FrozenTrial] | None:
-        """Record newly complete trials; the running ones other than ``trial`` (None: pruned)."""
-        key = (id(study._storage), study._study_id, *space.items())
-        if self._history is None or self._history.key != key:
-            self._history = _History(key, len(space))
-            self._running_rows = {}
-        history = self._history
-        trials = study._get_trials(deepcopy=False, states=None, use_cache=False)  # by number
-        running = []
-        for position in range(history.frontier, len(trials)):
-            other = trials[position]
-            if other.state == TrialState.RUNNING and other.number != trial.number:
-                running.append(other)
-            elif other.state == TrialState.COMPLETE and other.number not in history.recorded:
-                history.add(other.number, other.value, _internal(other.params, space))
-            elif other.state == TrialState.PRUNED:
-                return None
-            if position == history.frontier and other.state.is_finished():
-                history.frontier += 1
-        return running
-
-    def _running_row(self, trial: FrozenTrial, study: Study, space: Space) -> list[float] | None:
-        """A running trial's parameters, internal representation (kept until they change)."""
-        params = self._get_params(trial, study)
-        cached = self._running_rows.get(trial.number)
-        if cached is not None and cached[0] == len(params):
-            return cached[1]
-        row = _internal(params, space)
-        self._running_rows[trial.number] = (len(params), row)
-        return row
-
-    def _split(
-        self, study: Study, running: list[FrozenTrial], space: Space
-    ) -> tuple[Observations, Observations]:
-        """Observations below and above the gamma quantile, each in trial-number order.
-
-        As Optuna: the best ``gamma(n)`` complete trials (sorted by loss, ties by number)
-        are below; the other complete trials and the running ones are above.
-        """
-        history = self._history
-        assert history is not None
-        size = history.size
-        numbers, losses = history.numbers[:size], history.losses[:size]
-        if study.direction == StudyDirection.MAXIMIZE:
-            losses = -losses
-        order = np.lexsort((numbers, losses))
-        n_below = min((self._gamma or default_gamma)(size), size)
-        below = order[:n_below]
-        above = order[n_below:]
-        rows = [self._running_row(t, study, space) for t in running]
-        if len(self._running_rows) > 4 * len(running) + 64:  # forget finished trials
-            keep = {t.number for t in running}
-            self._running_rows = {n: r for n, r in self._running_rows.items() if n in keep}
-        filled = np.array([row or [np.nan] * len(space) for row in rows]).reshape(-1, len(space))
-        running_numbers = np.array([t.number for t in running], dtype=np.int64)
-        running_valid = np.array([row is not None for row in rows], dtype=bool)
-        return (
-            _ordered(numbers[below], history.params[below], history.valid[below], space),
-            _ordered(
-                np.concatenate([numbers[above], running_numbers]),
-                np.concatenate([history.params[above], filled]),
-                np.concatenate([history.valid[above], running_valid]),
-                space,
-            ),
-        )
-
-
-def _ordered(
-    numbers: np.ndarray, params: np.ndarray, valid: np.ndarray, space: Space
-) -> Observations:
-    """Each parameter's values in trial-number order, trials lacking a parameter left out."""
-    order = np.argsort(numbers, kind="stable")
-    rows = params[order][valid[order]]
-    return {name: rows[:, i] for i, name in enumerate(space)}
-
-
-_warned: list[str] = []
-_warned_lock = threading.Lock()
-
-
-def cached_tpe_verified(version: str | None = None) -> bool:
-    """Whether CachedTPESampler may run on this Optuna; logs once when it may not."""
-    version = version or optuna.__version__
-    sampler = TPESampler(constant_liar=True)
-    missing = [name for name in TPE_INTERNALS if not hasattr(sampler, name)]
-    missing += [f"Study.{name}" for name in STUDY_INTERNALS if not hasattr(optuna.Study, name)]
-    if default_gamma is None:
-        missing.append("optuna.samplers._tpe.sampler.default_gamma")
-    if _release(version) in VERIFIED_OPTUNA and not missing:
-        return True
-    with _warned_lock:
-        if version in _warned:
-            return False
-        _warned.append(version)
-    why = f"lacks {', '.join(sorted(set(missing)))}" if missing else "was not verified"
-    log.warning(
-        "Optuna %s %s for simcal's cached TPE (verified: %s); using Optuna's TPESampler",
-        version,
-        why,
-        ", ".join(VERIFIED_OPTUNA),
-    )
-    return False
