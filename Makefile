@@ -7,7 +7,7 @@ CONSTRAINTS := constraints.txt
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs dashboard check-newest-optuna
+.PHONY: run test lint bench system-deps clean k8s-manifests chart-docs dashboard check-newest-optuna cluster cluster-build cluster-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ system-deps:
 	./scripts/install-system-deps.sh
 
 ## test: install everything the suite needs, then run it
-test: system-deps $(VENV)/.test-installed $(CHECKOV_VENV)/.installed
+test: system-deps $(VENV)/.test-installed $(CHECKOV_VENV)/.installed cluster-build
 	$(BIN)/ruff check src tests
 	./scripts/check_newest_optuna.sh
 	$(BIN)/python -m pytest
@@ -62,6 +62,18 @@ k8s-manifests: $(VENV)/.test-installed
 ## dashboard: regenerate helm/simcal/files/grafana-dashboard.json with grafana-foundation-sdk (a test fails when stale)
 dashboard: $(VENV)/.test-installed
 	$(BIN)/python scripts/make_dashboard.py
+
+## cluster-build: build Kubernetes, helm, CoreDNS, the CNI plugins (cached in $$SIMCAL_CLUSTER_CACHE)
+cluster-build: system-deps
+	./scripts/cluster/build.sh
+
+## cluster: start a throwaway one-node Kubernetes (see README.md); writes .cluster/
+cluster: system-deps
+	./scripts/cluster/cluster.sh up
+
+## cluster-down: stop it and undo every host change it made
+cluster-down:
+	./scripts/cluster/cluster.sh down
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) simcal.db simcal-summary.json

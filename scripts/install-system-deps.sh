@@ -4,7 +4,7 @@
 # slurm-wlm + munge for the SLURM test (tests/support/slurm.py starts its own daemons).
 # Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
-packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium slurm-wlm munge faketime)
+packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium slurm-wlm munge etcd-server containerd iptables conntrack)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,28 +6,21 @@ scheduler, 8 worker and a driver container on the host network, hardened like th
 (read-only root filesystem, all capabilities dropped, uid 1000).
 
 Without podman, runc, debootstrap or root the podman tests skip, unless ``CI`` is set: then they
-fail. Kept between runs under ``$SIMCAL_IMAGE_CACHE`` (default /var/tmp/simcal-image-cache): the
-Debian base tarball (keyed by suite, packages and mirror) and a podman store of its own, whose
-layer cache keys the dependency layers by the Dockerfile, pyproject.toml and constraints.txt, so
-after a source edit only the simcal wheel is rebuilt. Delete the directory to build from scratch.
+fail. The build (base, cache under ``$SIMCAL_IMAGE_CACHE``, podman flags) is
+scripts/cluster/images.py, shared with ``make cluster``: after a source edit only the simcal wheel
+is rebuilt. Delete the cache directory to build from scratch.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import json
-import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,12 +30,12 @@ from calibration_run import assert_calibrated, driver_summary
 from conftest import REPO, require, write_config
 from processes import free_port, start, stopping, wait_until
 
+sys.path.insert(0, str(REPO / "scripts" / "cluster"))
+# scripts/cluster/images.py: the image build, shared with make cluster.
+import images
+from images import Podman
+
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or "hadolint"
-CACHE = Path(os.environ.get("SIMCAL_IMAGE_CACHE", "/var/tmp/simcal-image-cache"))
-SUITE, PACKAGES = "bookworm", ("python3", "python3-venv")
-# pip in the build trusts the host's CA bundle (a TLS-intercepting proxy's CA, if any): passed
-# as a build secret, so it is in no image layer.
-CA_BUNDLE = Path(os.environ.get("PIP_CERT", "/etc/ssl/certs/ca-certificates.crt"))
 WORKERS, TRIALS = 8, 12
 # The first podman test also pays for debootstrap and the build (about 4 min from scratch here).
 PODMAN_TIMEOUT = pytest.mark.timeout(2400)
@@ -78,129 +71,24 @@ def test_hadolint_requires_the_oci_labels(tmp_path):
 
 
 
-@contextlib.contextmanager
-def _locked(name: str) -> Iterator[None]:
-    """An exclusive lock under the cache (concurrent test runs share it)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
-def _ulimit(name: str, which: int) -> str:
-    """``--ulimit name=N:N``, N = 4096 or the host's hard limit if lower."""
-    hard = resource.getrlimit(which)[1]
-    limit = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
-    return f"--ulimit={name}={limit}:{limit}"
-
-
-class Podman:
-    """podman with flags that need no systemd, Docker or podman config: runc, cgroupfs, file
-    events, a store under the cache, and ulimits within the host's hard limits (podman's
-    defaults exceed them, and runc cannot raise them)."""
-
-    def __init__(self, driver: str) -> None:
-        self.flags = [
-            "--root", str(CACHE / f"storage-{driver}"),
-            "--runroot", f"/run/simcal-image-test/{driver}",
-            "--storage-driver", driver,
-            "--runtime", "runc",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "file",
-        ]
-        self.ulimits = [_ulimit("nofile", resource.RLIMIT_NOFILE),
-                        _ulimit("nproc", resource.RLIMIT_NPROC)]
-
-    def argv(self, *args: str) -> list[str]:
-        return ["podman", *self.flags, *args]
-
-    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> str:
-        result = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
-        if check and result.returncode != 0:
-            pytest.fail(f"podman {' '.join(args[:2])} failed:\n{result.stdout}\n{result.stderr}")
-        return result.stdout
-
-    def succeeds(self, *args: str) -> bool:
-        return subprocess.run(self.argv(*args), capture_output=True, timeout=120).returncode == 0
-
-    def run_args(self, image: str, *args: str, options: tuple[str, ...] = ()) -> list[str]:
-        """``podman run`` hardened like the chart's pods, on the host network."""
-        return [
-            "run", "--rm", "--network=host", *self.ulimits,
-            "--read-only", "--cap-drop=all", "--security-opt=no-new-privileges",
-            "--user=1000:1000", "--tmpfs=/home/simcal:U", *options, image, *args,
-        ]
-
-
 @pytest.fixture(scope="session")
 def podman() -> Podman:
     """podman on overlay storage, or on vfs where overlay does not work."""
-    for tool in ("podman", "runc", "debootstrap", "tar"):
-        require(shutil.which(tool) is not None, f"{tool} is not installed")
-    require(os.geteuid() == 0, "the image build needs root (debootstrap, podman storage)")
-    for driver in ("overlay", "vfs"):
-        if (candidate := Podman(driver)).succeeds("info"):
-            return candidate
-    pytest.fail("podman works with neither the overlay nor the vfs storage driver")
-
-
-def _apt_mirror() -> str:
-    """The Debian mirror apt uses (deb822 or one-line sources), else deb.debian.org."""
-    apt = Path("/etc/apt")
-    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]:
-        text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
-        found = re.search(r"^(?:URIs:|deb(?:\s+\[[^]]*\])?)\s+(\S+/debian)/?\s", text, re.M)
-        if found:
-            return found.group(1)
-    return "http://deb.debian.org/debian"
-
-
-def _debootstrap(tarball: Path, mirror: str) -> None:
-    """A minbase Debian root filesystem with python3 and python3-venv, as a tarball."""
-    rootfs = tarball.with_suffix(".rootfs")
-    shutil.rmtree(rootfs, ignore_errors=True)
-    result = subprocess.run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-         SUITE, str(rootfs), mirror],
-        capture_output=True, text=True, timeout=1800,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    partial = tarball.with_suffix(".partial")
-    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(partial), "."], check=True)
-    partial.rename(tarball)
-    shutil.rmtree(rootfs)
+    missing = images.missing_tools()
+    require(not missing, f"the image build needs {', '.join(missing)}")
+    return images.podman()
 
 
 @pytest.fixture(scope="session")
 def base_image(podman: Podman) -> str:
     """localhost/simcal-base:<key>, imported from the (cached) debootstrap tarball."""
-    mirror = _apt_mirror()
-    key = hashlib.sha256(f"{SUITE} {PACKAGES} {mirror}".encode()).hexdigest()[:12]
-    tag = f"localhost/simcal-base:{key}"
-    tarball = CACHE / f"debian-{SUITE}-minbase-{key}.tar"
-    with _locked("base"):
-        if not tarball.exists():
-            _debootstrap(tarball, mirror)
-        if not podman.succeeds("image", "exists", tag):
-            podman("import", str(tarball), tag, timeout=600)
-    return tag
+    return images.base_image(podman)
 
 
 @pytest.fixture(scope="session")
 def image(podman: Podman, base_image: str) -> str:
     """The simcal image built from this checkout (layer-cached), as an image ID."""
-    iidfile = CACHE / f"iid-{uuid.uuid4().hex}"
-    secret = [f"--secret=id=ca-bundle,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
-    with _locked("build"):
-        podman(
-            "build", "--network=host", *podman.ulimits, *secret,
-            f"--build-arg=BASE_IMAGE={base_image}", f"--iidfile={iidfile}",
-            "--tag=localhost/simcal:test", str(REPO),
-            timeout=1800,
-        )
-    image_id = iidfile.read_text(encoding="utf-8").strip()
-    iidfile.unlink()
-    return image_id
+    return images.simcal_image(podman, base_image, tag="localhost/simcal:test")
 
 
 def _canonical(name: str) -> str:
@@ -291,17 +179,8 @@ def test_calibration_in_containers(podman, image, tmp_path):
 def test_own_model_image_from_simcals_installs_the_users_package(podman, image):
     """examples/own-model/Dockerfile: FROM simcal's image, pip install of the team's package;
     the result imports mysir from site-packages as uid 1000 and runs it, and simcal is there."""
-    secret = [f"--secret=id=ca-bundle,src={CA_BUNDLE}"] if CA_BUNDLE.is_file() else []
-    iidfile = CACHE / f"iid-{uuid.uuid4().hex}"
-    with _locked("build"):
-        podman(
-            "build", "--network=host", *podman.ulimits, *secret,
-            f"--build-arg=SIMCAL_IMAGE={image}", f"--iidfile={iidfile}",
-            "--tag=localhost/simcal-mysir:test", str(REPO / "examples" / "own-model"),
-            timeout=1200,
-        )
-    own = iidfile.read_text(encoding="utf-8").strip()
-    iidfile.unlink()
+    own = podman.build(REPO / "examples" / "own-model", "localhost/simcal-mysir:test",
+                       f"SIMCAL_IMAGE={image}", timeout=1200)
     probe = (
         "import mysir, simcal; "
         "out = mysir.simulate({'beta': 0.3, 'gamma': 0.1}, 1)['incidence']; "
