@@ -25,7 +25,6 @@ from simcal.trials import (
     TrialStore,
     recover_stale,
     requeue,
-    set_owner,
     stale_trials,
     tally,
     tell,
@@ -41,8 +40,10 @@ def study(tmp_path: Path) -> optuna.Study:
 
 
 def _asked(study: optuna.Study, run_id: str) -> optuna.Trial:
+    """A trial another driver asked (as TrialStore.ask records its owner)."""
     trial = study.ask(SPACE)
-    set_owner(trial, run_id, "host-" + run_id)
+    trial.set_user_attr(RUN_ID, run_id)
+    trial.set_user_attr(HOST, "host-" + run_id)
     return trial
 
 

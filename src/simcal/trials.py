@@ -169,13 +169,6 @@ def counted_trials(study: optuna.Study) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
 
 
-def set_owner(trial: optuna.Trial, run_id: str, host: str) -> None:
-    """Record which driver runs a trial asked with ``study.ask`` (tests; the driver asks
-    through :meth:`TrialStore.ask`)."""
-    trial.set_user_attr(RUN_ID, run_id)
-    trial.set_user_attr(HOST, host)
-
-
 def _final(
     trial: optuna.Trial | FrozenTrial, value: float | None, state: TrialState
 ) -> tuple[list[float] | None, TrialState]:
