@@ -21,6 +21,7 @@ from simcal.trials import (
     RUN_ID,
     DriverLease,
     LeaseObserver,
+    Tally,
     Told,
     TrialStore,
     recover_stale,
@@ -285,3 +286,30 @@ def test_tell_many_is_one_group_commit_that_skips_a_claimed_trial(study: optuna.
         assert trials[claimed.number].user_attrs[FAIL_REASON] == INTERRUPTED
         assert trials[third.number].state == TrialState.FAIL
     assert tally(study) == tally(study).__class__(counted=2, running=0, waiting=1)
+
+
+def test_the_trial_store_times_every_operation_and_keeps_its_path(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every storage operation of a run goes through TrialStore, which reports its seconds as
+    simcal_storage_seconds{operation} (ask, tell, other); its path is chosen once, when it is
+    built, so narrowing the verified releases later leaves a built store on the RDB path."""
+    timed: list[str] = []
+    store = TrialStore(
+        study, SPACE, run_id="me", host="h", lease_grace=0,
+        timer=lambda operation, seconds: timed.append(operation),
+    )
+    monkeypatch.setattr(optuna, "__version__", "99.0.0")  # after building: no effect on it
+    assert store.fast
+    with store.view(seconds=3600) as view:
+        assert view is not None  # the driver's RDB view, not Optuna's cache
+        first, second, third = (store.ask(waiting=False) for _ in range(3))
+        assert store.tell_many([Told(first, 0.5)]) == [True]
+        assert store.tell(second, 0.25)
+        assert store.requeue(third)
+        assert store.tally() == Tally(counted=2, running=0, waiting=1)
+        assert store.recover_stale() == []
+        store.read_fresh()
+        assert store.best_values(1) == [0.25]
+        assert store.stored_count() == 4
+    assert timed == ["ask"] * 3 + ["tell"] * 3 + ["other"] * 5
