@@ -865,7 +865,29 @@ def test_image_tag_and_digest(rendered):
     assert images == {"registry.example/simcal:0.2.0"}
 
 
+# template functions whose output changes from one render to the next (or with the cluster's
+# state): a chart calling one makes every `helm upgrade` roll pods or rotate secrets
+NONDETERMINISTIC = re.compile(
+    r"(?<![.\w$])(rand(Alpha|AlphaNum|Numeric|Ascii|Bytes|Int)|uuidv4|now|unixEpoch|genCA|genPrivateKey"
+    r"|genSelfSignedCert|genSignedCert|lookup|htpasswd|bcrypt|shuffle)\b"
+)
+
+
+def nondeterministic_calls(template: str) -> list[str]:
+    """The nondeterministic functions called inside the template's ``{{ ... }}`` actions."""
+    actions = re.findall(r"\{\{(.*?)\}\}", template, flags=re.S)
+    return [m.group(1) for action in actions for m in NONDETERMINISTIC.finditer(action)]
+
+
 def test_render_is_deterministic():
+    """Two renders agree, and no template calls a function that would make them differ (the
+    check itself catches one)."""
+    templates = sorted(p for p in (CHART_DIR / "templates").rglob("*") if p.is_file())
+    assert templates
+    calls = {str(t): nondeterministic_calls(t.read_text()) for t in templates}
+    assert {name: found for name, found in calls.items() if found} == {}
+    assert nondeterministic_calls("token: {{ randAlphaNum 16 | b64enc }}") == ["randAlphaNum"]
+    assert nondeterministic_calls("# rotate now\n{{ .Values.now }}") == []
     assert render_raw() == render_raw()
 
 

@@ -3,6 +3,7 @@ that only uses metrics simcal, its recording rules or Dask export."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,7 +14,6 @@ import pytest
 import yaml
 
 from dashboard_queries import (
-    DASHBOARD_FILE,
     dashboard_queries,
     iter_panels,
     load_dashboard,
@@ -251,5 +251,14 @@ def test_panels_named_in_alerts_exist(dashboard):
     assert not missing, f"panels named in alert descriptions but not on the dashboard: {missing}"
 
 
-def test_dashboard_file_is_the_chart_file():
-    assert DASHBOARD_FILE == ROOT / "helm" / "simcal" / "files" / "grafana-dashboard.json"
+def test_the_dashboard_checked_here_is_the_one_the_chart_ships(dashboard):
+    """What these tests check is what Helm renders into the Grafana ConfigMap."""
+    from chart import render
+
+    (configmap,) = [
+        o
+        for o in render()
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")
+    ]
+    (shipped,) = configmap["data"].values()
+    assert json.loads(shipped) == dashboard

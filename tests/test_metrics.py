@@ -6,8 +6,10 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from metric_samples import sample
 from simcal.failures import FailureReason
 from simcal.metrics import Metrics, TrailingWindow
+from simcal.webapp import HTTPServer, make_app
 
 DESIGN = {  # name -> (type, labels besides the histogram's own)
     "simcal_trials": ("counter", {"study", "status"}),
@@ -47,7 +49,8 @@ def scrape(port: int) -> dict[str, object]:
 
 def test_served_metrics_match_the_design() -> None:
     metrics = Metrics("demo")
-    port = metrics.serve(0, "127.0.0.1")
+    server = HTTPServer(make_app(metrics.registry, "demo", None), 0, "127.0.0.1")  # as the driver
+    port = server.port
     try:
         metrics.set_best_loss(2.5)
         metrics.set_fast_path(storage=True, sampler=False)
@@ -56,13 +59,13 @@ def test_served_metrics_match_the_design() -> None:
         metrics.trial_pruned(seconds=0.3)
         families = scrape(port)
     finally:
-        metrics.close()
+        server.close()
     for name, (kind, labels) in DESIGN.items():
         assert name in families, f"{name} missing"
         family = families[name]
         assert family.type == kind, name
-        for sample in family.samples:
-            assert set(sample.labels) - {"le"} == labels, sample
+        for item in family.samples:
+            assert set(item.labels) - {"le"} == labels, item
     counts = {
         (s.labels["status"]): s.value
         for s in families["simcal_trials"].samples
@@ -91,23 +94,23 @@ def test_trailing_rates_and_utilization() -> None:
         clock.now += 1
         metrics.observe_cluster(workers=4, threads=4, busy_threads=4)
         metrics.trial_completed(loss=1.0, seconds=1.0)
-    assert metrics.value("simcal_trials_per_minute") == 60.0  # computed when read
-    assert metrics.value("simcal_worker_utilization_ratio") == 1.0
-    assert metrics.value("simcal_workers") == 4
+    assert sample(metrics, "simcal_trials_per_minute") == 60.0  # computed when read
+    assert sample(metrics, "simcal_worker_utilization_ratio") == 1.0
+    assert sample(metrics, "simcal_workers") == 4
     clock.now += 0.5
     for _ in range(45):  # then 45 s with one thread busy and no trial finishing
         clock.now += 1
         metrics.observe_cluster(workers=4, threads=4, busy_threads=1)
     # the window now holds the last 15 busy seconds and 45 idle ones
-    assert metrics.value("simcal_trials_per_minute") == 15.0
-    assert metrics.value("simcal_worker_utilization_ratio") == (15 * 1.0 + 45 * 0.25) / 60
+    assert sample(metrics, "simcal_trials_per_minute") == 15.0
+    assert sample(metrics, "simcal_worker_utilization_ratio") == (15 * 1.0 + 45 * 0.25) / 60
 
 
 def test_best_loss_is_what_the_driver_sets() -> None:
     metrics = Metrics("demo")
     metrics.set_best_loss(3.0)
     metrics.trial_completed(loss=1.0, seconds=1)  # the driver, not the metrics, tracks the best
-    assert metrics.value("simcal_best_loss") == 3.0
+    assert sample(metrics, "simcal_best_loss") == 3.0
 
 
 def test_trailing_window_drops_old_events() -> None:
@@ -120,3 +123,14 @@ def test_trailing_window_drops_old_events() -> None:
     clock.now += 6
     assert window.total() == 3.0
     assert window.span() == 10
+
+
+def test_completed_trials_counts_only_completed_ones() -> None:
+    """What the live report refreshes on (simcal.reporting.live.DriverHTTP)."""
+    metrics = Metrics("demo")
+    assert metrics.completed_trials() == 0
+    metrics.trial_completed(loss=1.0, seconds=0.1)
+    metrics.trial_failed(FailureReason.NAN_LOSS, seconds=0.1)
+    metrics.trial_pruned(seconds=0.1)
+    metrics.trial_completed(loss=0.5, seconds=0.1)
+    assert metrics.completed_trials() == 2

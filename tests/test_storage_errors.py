@@ -35,7 +35,7 @@ from conftest import require, run_simcal, write_config
 from pgserver import postgres_bin, postgres_server
 from processes import HOST, free_port, simcal_run, stopping, wait_until
 from simcal.samplers import make_sampler
-from simcal.storage import StorageError, open_study, redact
+from simcal.storage import MissingStorageError, StorageError, open_existing, open_study, redact
 from simcal.trials import with_retries
 
 PASSWORD = "s3cret-Zq81x"  # distinctive: a plain substring search finds any leak
@@ -181,6 +181,21 @@ def test_sqlite_in_a_missing_directory_fails_at_start(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert f"directory {missing} does not exist" in result.stderr
     _no_traceback(result.stderr)
+
+
+def test_reading_opens_only_an_existing_storage(tmp_path: Path) -> None:
+    """open_existing (simcal results, studies, report) never creates a database: a missing
+    SQLite file and an unreadable URL are MissingStorageError (bad input), and nothing is
+    created; an existing file opens without writing tables."""
+    missing = tmp_path / "typo.db"
+    with pytest.raises(MissingStorageError, match=r"the SQLite file .*typo\.db does not exist"):
+        open_existing(f"sqlite:///{missing}")
+    assert not missing.exists()
+    with pytest.raises(MissingStorageError, match="invalid storage URL"):
+        open_existing("not a url at all")
+    url = f"sqlite:///{tmp_path / 'made.db'}"
+    open_study(url, "s", optuna.samplers.RandomSampler())
+    assert open_existing(url).get_all_studies()[0].study_name == "s"
 
 
 def test_read_only_sqlite_file_fails_at_start(shared_dir: Path) -> None:

@@ -21,13 +21,11 @@ from simcal.trials import (
     RUN_ID,
     DriverLease,
     LeaseObserver,
+    Tally,
     Told,
-    ask,
-    driver_view,
-    read_fresh,
+    TrialStore,
     recover_stale,
     requeue,
-    set_owner,
     stale_trials,
     tally,
     tell,
@@ -43,8 +41,10 @@ def study(tmp_path: Path) -> optuna.Study:
 
 
 def _asked(study: optuna.Study, run_id: str) -> optuna.Trial:
+    """A trial another driver asked (as TrialStore.ask records its owner)."""
     trial = study.ask(SPACE)
-    set_owner(trial, run_id, "host-" + run_id)
+    trial.set_user_attr(RUN_ID, run_id)
+    trial.set_user_attr(HOST, "host-" + run_id)
     return trial
 
 
@@ -134,16 +134,17 @@ def test_tally_counts_the_budget_across_drivers(study: optuna.Study) -> None:
 
 
 def test_the_driver_view_reads_others_late_and_its_own_trials_at_once(study: optuna.Study) -> None:
-    """Inside driver_view, other drivers' trials are read at most every ``seconds``; the
+    """Inside TrialStore.view, other drivers' trials are read at most every ``seconds``; the
     driver's own asks and tells are in its view at once (written through, never read back),
     and the database holds each ask's parameters and owner."""
     _asked(study, "a")
     other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
-    with driver_view(study, seconds=3600):
+    store = TrialStore(study, SPACE, run_id="me", host="host-me")
+    with store.view(seconds=3600):
         assert len(study.get_trials()) == 1
         _asked(other, "b")  # another driver's trial
         assert len(study.get_trials()) == 1  # not read yet
-        mine = ask(study, SPACE, "me", "host-me", waiting=False)
+        mine = store.ask(waiting=False)
         view = {t.number: t for t in study.get_trials()}
         assert view[mine.number].params == mine.params and "x" in mine.params
         assert view[mine.number].user_attrs == {RUN_ID: "me", HOST: "host-me"}
@@ -155,7 +156,7 @@ def test_the_driver_view_reads_others_late_and_its_own_trials_at_once(study: opt
             0.5,
         )
         assert len(study.get_trials()) == 2  # still not the other driver's
-        read_fresh(study)
+        store.read_fresh()
         assert len(study.get_trials()) == 3
     stored = {t.number: t for t in other.get_trials()}
     assert stored[mine.number].params == mine.params
@@ -168,15 +169,16 @@ def test_the_driver_view_learns_when_another_driver_claimed_its_trial(
     study: optuna.Study,
 ) -> None:
     other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
-    with driver_view(study, seconds=3600):
-        mine = ask(study, SPACE, "me", "host", waiting=False)
+    store = TrialStore(study, SPACE, run_id="me", host="host")
+    with store.view(seconds=3600):
+        mine = store.ask(waiting=False)
         claimed = other.get_trials()[0]
         assert requeue(other, claimed, SPACE)  # judged dead: failed, re-enqueued
         assert tell(study, mine, 0.5) is False  # dropped, not crashed
         view = {t.number: t for t in study.get_trials()}
         assert view[mine.number].state == TrialState.FAIL
         assert view[mine.number].user_attrs[FAIL_REASON] == INTERRUPTED
-        retry = ask(study, SPACE, "me", "host", waiting=True)  # pops the enqueued retry
+        retry = store.ask(waiting=True)  # pops the enqueued retry
         assert retry.params == mine.params and retry.user_attrs[RETRY_OF] == mine.number
         assert tell(study, retry, 0.25)
     assert tally(study) == tally(study).__class__(counted=1, running=0, waiting=0)
@@ -233,15 +235,17 @@ def test_an_unverified_optuna_takes_the_public_storage_path(
     """On an Optuna release the private storage API was not verified against, tells, tallies
     and pruned tells go through Optuna's public path, with the same results."""
     import simcal.optuna_internals as internals
-    import simcal.trials as trials
 
-    assert trials.storage_internals_verified()
-    assert not trials.storage_internals_verified("99.0.0")
+    assert internals.storage_verified()
+    assert not internals.storage_verified("99.0.0")
+    assert TrialStore(study, SPACE, run_id="me").fast
     monkeypatch.setattr(optuna, "__version__", "99.0.0")
     assert internals.rdb(study) is None  # the fast RDB paths are off
-    with driver_view(study) as view:
+    store = TrialStore(study, SPACE, run_id="me", host="host")
+    assert not store.fast  # chosen once, when built
+    with store.view() as view:
         assert view is None  # Optuna's own cached storage
-        asked = ask(study, SPACE, "me", "host")
+        asked = store.ask(waiting=True)
         assert asked.user_attrs == {RUN_ID: "me", HOST: "host"}
         assert tell(study, asked, 0.5)
     trial = _asked(study, "me")
@@ -259,8 +263,9 @@ def test_tell_many_is_one_group_commit_that_skips_a_claimed_trial(study: optuna.
     """A batch of results is told in one transaction; a trial another driver claimed meanwhile
     is left as it is stored (False), the others are told; a NaN loss is told failed."""
     other = optuna.load_study(study_name="lifecycle", storage=study._storage._backend.url)
-    with driver_view(study, seconds=3600):
-        first, claimed, third = (ask(study, SPACE, "me", "h", waiting=False) for _ in range(3))
+    store = TrialStore(study, SPACE, run_id="me", host="h")
+    with store.view(seconds=3600):
+        first, claimed, third = (store.ask(waiting=False) for _ in range(3))
         stored = {t.number: t for t in other.get_trials()}
         assert requeue(other, stored[claimed.number], SPACE)
         told = tell_many(
@@ -281,3 +286,30 @@ def test_tell_many_is_one_group_commit_that_skips_a_claimed_trial(study: optuna.
         assert trials[claimed.number].user_attrs[FAIL_REASON] == INTERRUPTED
         assert trials[third.number].state == TrialState.FAIL
     assert tally(study) == tally(study).__class__(counted=2, running=0, waiting=1)
+
+
+def test_the_trial_store_times_every_operation_and_keeps_its_path(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every storage operation of a run goes through TrialStore, which reports its seconds as
+    simcal_storage_seconds{operation} (ask, tell, other); its path is chosen once, when it is
+    built, so narrowing the verified releases later leaves a built store on the RDB path."""
+    timed: list[str] = []
+    store = TrialStore(
+        study, SPACE, run_id="me", host="h", lease_grace=0,
+        timer=lambda operation, seconds: timed.append(operation),
+    )
+    monkeypatch.setattr(optuna, "__version__", "99.0.0")  # after building: no effect on it
+    assert store.fast
+    with store.view(seconds=3600) as view:
+        assert view is not None  # the driver's RDB view, not Optuna's cache
+        first, second, third = (store.ask(waiting=False) for _ in range(3))
+        assert store.tell_many([Told(first, 0.5)]) == [True]
+        assert store.tell(second, 0.25)
+        assert store.requeue(third)
+        assert store.tally() == Tally(counted=2, running=0, waiting=1)
+        assert store.recover_stale() == []
+        store.read_fresh()
+        assert store.best_values(1) == [0.25]
+        assert store.stored_count() == 4
+    assert timed == ["ask"] * 3 + ["tell"] * 3 + ["other"] * 5

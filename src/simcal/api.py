@@ -240,20 +240,16 @@ class Calibration:
                     connect_timeout=connect_timeout,
                     dashboard_address=dashboard_address,
                 )
-                metrics = Metrics(config.study)
-                try:
-                    stats, seen = drive(
-                        config,
-                        study,
-                        metrics,
-                        client=client,
-                        cluster=options,
-                        progress=_progress(progress),
-                        signals=(signal.SIGINT,),
-                        restore_signals=True,
-                    )
-                finally:
-                    metrics.close()
+                stats, seen = drive(
+                    config,
+                    study,
+                    Metrics(config.study),
+                    client=client,
+                    cluster=options,
+                    progress=_progress(progress),
+                    signals=(signal.SIGINT,),
+                    restore_signals=True,
+                )
         except BaseException:
             if temporary is not None:
                 temporary.cleanup()

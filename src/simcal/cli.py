@@ -237,7 +237,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
             time.sleep(args.metrics_linger)
     finally:
-        metrics.close()
         if http is not None:
             http.close()
     if stats.stop_reason.startswith(STOP_REASON):

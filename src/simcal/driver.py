@@ -27,7 +27,6 @@ from simcal.config import CalibrationConfig
 from simcal.failfast import FailureStreak
 from simcal.failures import FailureReason, classify, describe, full_text
 from simcal.metrics import Metrics
-from simcal.optuna_internals import describe_fast_path, fast_path
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
 from simcal.samplers import make_sampler, run_seed
@@ -41,20 +40,9 @@ from simcal.trials import (
     INTERRUPTED,
     RETRY_OF,
     SURPLUS,
-    DriverLease,
-    LeaseObserver,
     Tally,
     Told,
-    ask,
-    driver_host,
-    driver_view,
-    read_fresh,
-    recover_stale,
-    requeue,
-    tally,
-    tell,
-    tell_many,
-    with_retries,
+    TrialStore,
 )
 
 log = logging.getLogger(__name__)
@@ -153,10 +141,17 @@ class Calibration:
         self._stats = RunStats()
         self._counted = 0  # counted trials of the study (all drivers), as last read
         self._tally = Tally()
-        self._host = driver_host()
-        self._stats.run_id, self._stats.host = service.run_id, self._host
+        # the run's one door to stored trials: its path, retries, storage timing and lease
+        self.store = TrialStore(
+            study,
+            self._distributions,
+            run_id=service.run_id,
+            lease_interval=config.lease_interval,
+            lease_grace=config.lease_grace,
+            timer=metrics.storage_time,
+        )
+        self._stats.run_id, self._stats.host = service.run_id, self.store.host
         self._last_recovery = -math.inf
-        self._observer = LeaseObserver()  # other drivers' leases, aged on our monotonic clock
         self._stop_requested = threading.Event()
         self._stop_reason: str | None = None
         self._grace_deadline: float | None = None
@@ -185,20 +180,15 @@ class Calibration:
     def run(self) -> RunStats:
         """Run until the budget, the time limit or the target loss; returns this run's stats."""
         started = self._clock()
-        lease = DriverLease(self.study, self.service.run_id, interval=self.config.lease_interval)
-        lease.start()
-        try:
-            with driver_view(self.study):
-                return self._run(started)
-        finally:
-            lease.release()
+        with self.store.open():
+            return self._run(started)
 
     def _run(self, started: float) -> RunStats:
         self._recover(force=True)
         self._reseed()
         self._count()
         self._init_best()
-        paths = fast_path(self.study)
+        paths = self.store.paths()
         self.metrics.set_fast_path(paths["storage"], paths["sampler"])
         log.info(
             "study %s: %d of %d trials already done; mode %s, sampler %s; %s",
@@ -207,7 +197,7 @@ class Calibration:
             self.config.max_trials,
             self.config.mode,
             self.config.sampler,
-            describe_fast_path(paths),
+            self.store.describe_paths(paths),
         )
         try:
             with self.progress:
@@ -305,10 +295,6 @@ class Calibration:
         """Time the loop spends waiting for results (simcal_driver_busy_ratio)."""
         return self._timed(self.metrics.driver_waited)
 
-    def _storage(self, operation: str) -> contextlib.AbstractContextManager[None]:
-        """Time one storage operation (simcal_storage_seconds): ask, tell or other."""
-        return self._timed(lambda seconds: self.metrics.storage_time(operation, seconds))
-
     def _wait_for_others(self) -> None:
         """Other drivers' trials are still open: wait a poll, then look for stale ones (idle
         here, so every poll; the loop's own check follows ``lease_interval``)."""
@@ -318,8 +304,7 @@ class Calibration:
 
     def _count(self) -> Tally:
         """Read the study's budget tally (every driver's trials) from storage."""
-        with self._storage("other"):
-            self._tally = with_retries(lambda: tally(self.study), what="count trials")
+        self._tally = self.store.tally()
         self._counted = self._tally.counted
         return self._tally
 
@@ -334,13 +319,14 @@ class Calibration:
             full = counts.committed >= self.config.max_trials
             if full and not counts.waiting:
                 break  # asks pop enqueued retries first: those do not add to the total
-            trial = self._ask(waiting=counts.waiting > 0)
+            # an ask that fails after creating its trial leaves it without an owner: any
+            # driver recovers it once ``lease_grace`` has passed
+            trial = self.store.ask(waiting=counts.waiting > 0)
             if full and RETRY_OF not in trial.user_attrs:
                 # Only a waiting retry may run now, and another driver popped it first: this
                 # ask made a new trial over the budget. It never runs and is not counted.
-                with self._storage("tell"):
-                    tell(self.study, trial, state=TrialState.FAIL, what="tell surplus trial",
-                         attrs={FAIL_REASON: INTERRUPTED, SURPLUS: True})
+                self.store.tell(trial, state=TrialState.FAIL, what="tell surplus trial",
+                                attrs={FAIL_REASON: INTERRUPTED, SURPLUS: True})
                 break
             runs.append(self._submit(trial))
         self.metrics.set_inflight(len(self._inflight))
@@ -360,28 +346,10 @@ class Calibration:
         if not force and now - self._last_recovery < self.config.lease_interval:
             return
         self._last_recovery = now
-        with self._storage("other"):
-            recovered = recover_stale(
-                self.study,
-                self.service.run_id,
-                self.config.lease_grace,
-                self._distributions,
-                self._observer,
-            )
+        recovered = self.store.recover_stale()
         if recovered:
             self._stats.recovered += len(recovered)
             log.info("re-enqueued %d trial(s) a previous driver left running", len(recovered))
-
-    def _ask(self, *, waiting: bool) -> optuna.Trial:
-        """Ask a trial recording this driver as its owner (``waiting``: the tally saw an
-        enqueued retry to pop). An ask that fails after creating its trial leaves it without
-        an owner: any driver recovers it once ``lease_grace`` has passed."""
-        run_id, host = self.service.run_id, self._host
-        with self._storage("ask"):
-            return with_retries(
-                lambda: ask(self.study, self._distributions, run_id, host, waiting=waiting),
-                what="ask",
-            )
 
     def _submit(self, trial: optuna.Trial) -> TrialRun:
         pruning = self.config.pruning
@@ -436,11 +404,7 @@ class Calibration:
         losses = [run.losses[name] for name in run.aggregations.values()]
         partial = sum(self._weights[item.target] * item.loss for item in losses)
         step = len(run.replicates)
-        with self._storage("other"):
-            with_retries(lambda: run.trial.report(partial, step), what="report")
-            with_retries(lambda: read_fresh(self.study), what="prune")  # others' rungs
-            prune = with_retries(run.trial.should_prune, what="prune")
-        if not prune:
+        if not self.store.prune(run.trial, partial, step):
             for key in run.aggregations:
                 self._by_key.pop(key, None)
             remaining = self.config.replicates - step
@@ -548,8 +512,7 @@ class Calibration:
         queued, self._to_tell = self._to_tell, []
         if not queued:
             return
-        with self._storage("tell"):
-            told = tell_many(self.study, [result for result, _ in queued])
+        told = self.store.tell_many([result for result, _ in queued])
         for ok, (_, then) in zip(told, queued, strict=True):
             if ok:
                 self._counted += 1
@@ -584,9 +547,7 @@ class Calibration:
                 self.service.cancel(run.futures)
             except Exception as exc:  # the scheduler may be gone; storage matters more
                 log.debug("cancel failed: %s", exc)
-            with self._storage("tell"):
-                requeued = requeue(self.study, run.trial)
-            if requeued:
+            if self.store.requeue(run.trial):
                 self._stats.interrupted += 1
         if runs:
             log.info("re-enqueued %d unfinished trial(s) for the next run", len(runs))
@@ -630,15 +591,14 @@ class Calibration:
 
     def _reseed(self) -> None:
         """A resumed study gets a seed of its own (same seed: the first run's points again)."""
-        stored = with_retries(lambda: len(self.study.get_trials(deepcopy=False)), what="resume")
+        stored = self.store.stored_count()
         if stored:
             seed = run_seed(self.config.seed, stored)
             self.study.sampler = make_sampler(self.config.sampler, seed)
             log.debug("sampler seed %d (%d trials stored)", seed, stored)
 
     def _init_best(self) -> None:
-        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        self._best_losses = sorted(t.value for t in completed if t.value is not None)[:STORED_FITS]
+        self._best_losses = self.store.best_values(STORED_FITS)
         if self._best_losses:
             self.metrics.set_best_loss(self._best)
 

@@ -10,8 +10,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from importlib.metadata import version
-from threading import Thread
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +17,6 @@ from prometheus_client import (
     Gauge,
     Histogram,
     Info,
-    start_http_server,
 )
 
 from simcal.failures import FailureReason
@@ -70,7 +67,6 @@ class Metrics:
         self._completed_window = TrailingWindow(window_seconds, clock)
         self._occupancy = TrailingWindow(window_seconds, clock)
         self._occupancy_samples = TrailingWindow(window_seconds, clock)
-        self._server: tuple[WSGIServer, Thread] | None = None
         labels = ["study"]
         self.trials = Counter(
             "simcal_trials",
@@ -228,21 +224,9 @@ class Metrics:
         samples = self._occupancy_samples.total()
         return self._occupancy.total() / samples if samples else 0.0
 
-    def value(self, name: str, **labels: str) -> float:
-        """A sample's current value (for summaries and tests); 0 if absent."""
-        sample = self.registry.get_sample_value(name, {"study": self.study, **labels})
+    def completed_trials(self) -> float:
+        """Trials completed so far by this driver (``simcal_trials_total{status="completed"}``)."""
+        sample = self.registry.get_sample_value(
+            "simcal_trials_total", {"study": self.study, "status": "completed"}
+        )
         return 0.0 if sample is None else sample
-
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` over HTTP; returns the bound port (useful with port 0)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server = (server, thread)
-        return server.server_port
-
-    def close(self) -> None:
-        if self._server:
-            server, thread = self._server
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
-            self._server = None

@@ -33,6 +33,10 @@ class StorageURLError(StorageError):
     """The storage URL is malformed or names a database without its driver: a usage error."""
 
 
+class MissingStorageError(StorageURLError):
+    """A storage to read does not exist, or its URL cannot be read (read-only commands)."""
+
+
 _EXAMPLES = (
     "e.g. sqlite:///simcal.db (a file here), sqlite:////data/simcal.db (an absolute path) "
     "or postgresql://user@host:5432/db"
@@ -107,6 +111,25 @@ def _check_sqlite_path(url: str) -> None:
         raise StorageError(
             f"cannot open storage {redact(url)}: {directory} is not writable ({exc.strerror})"
         ) from None
+
+
+def open_existing(url: str) -> optuna.storages.RDBStorage:
+    """An existing storage, to read: never creates a database file or tables (a mistyped
+    SQLite path is an error, not a new empty database)."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise MissingStorageError(f"invalid storage URL {redact(url)!r}") from None
+    database = parsed.database
+    local = parsed.drivername.startswith("sqlite") and database not in (None, "", ":memory:")
+    if local and not Path(str(database)).is_file():
+        raise MissingStorageError(
+            f"storage {redact(url)}: the SQLite file {database} does not exist"
+        )
+    try:
+        return optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
+    except Exception as exc:
+        raise StorageError(f"cannot read {redact(url)}: {type(exc).__name__}") from None
 
 
 def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:

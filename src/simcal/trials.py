@@ -1,4 +1,13 @@
-"""The stored-trial lifecycle: a trial's owner, its tell, and recovery of a dead driver's trials.
+"""The stored-trial lifecycle and its one front door, :class:`TrialStore` (kept here with the
+RDB and public paths it chooses between, which this module's functions share).
+
+A driver run reaches stored trials only through its :class:`TrialStore`: built once per run,
+it picks the RDB path (:mod:`simcal.optuna_internals`) or Optuna's public one when built, and
+owns retries (:func:`with_retries`) and storage timing for every operation. The functions
+below (:func:`tell`, :func:`tally`, :func:`requeue`, :func:`recover_stale`...) serve the
+tests, ``simcal results`` and tools that hold a study but no run.
+
+A trial's owner, its tell, and recovery of a dead driver's trials:
 
 Several drivers may run one study on one storage at once. Each driver holds a *lease*: a
 study system attribute ``simcal:lease:<run_id>`` that a background thread renews every
@@ -11,8 +20,8 @@ failed as ``interrupted``, which only one claimant can do) and enqueues its para
 again. A driver never claims the trials of a live lease, and a driver that finds its own
 trial already told ("someone else told it") drops its result instead of crashing.
 
-Asking writes the trial's parameters and owner in one transaction, telling its user
-attributes and state in one (on RDB storage; the private Optuna calls that takes live in
+On the RDB path asking writes the trial's parameters and owner in one transaction, telling
+its user attributes and state in one (the private Optuna calls that takes live in
 :mod:`simcal.optuna_internals`).
 """
 
@@ -26,7 +35,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -120,47 +129,44 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
-# -- asking and telling --------------------------------------------------------------------------
+# -- what is stored and counted ------------------------------------------------------------------
 
 
-def storage_internals_verified(version: str | None = None) -> bool:
-    """Whether the RDB fast paths (one-transaction asks and tells, COUNT tallies, the driver's
-    own cache: :mod:`simcal.optuna_internals`) may run on this Optuna."""
-    return internals.storage_verified(version)
+@dataclass(frozen=True)
+class Told:
+    """One trial's result for :func:`tell_many`."""
+
+    trial: optuna.Trial | FrozenTrial
+    value: float | None = None
+    state: TrialState = TrialState.COMPLETE
+    attrs: Mapping[str, Any] = field(default_factory=dict)
 
 
-def driver_view(study: optuna.Study, seconds: float = 0.5) -> contextlib.AbstractContextManager:
-    """Within the block, the study is seen as a driver sees it: its own trials written
-    through, other drivers' changes read at most every ``seconds`` (RDB storage). Counting
-    the budget (:func:`tally`), telling and claiming read the database directly."""
-    return internals.driver_storage(study, seconds)
+@dataclass(frozen=True)
+class Tally:
+    """The study's trials as the budget sees them, across every driver."""
+
+    counted: int = 0
+    running: int = 0  # asked, not told (any driver's, dead or alive)
+    waiting: int = 0  # enqueued, not asked yet
+
+    @property
+    def committed(self) -> int:
+        """Trials that are or will be counted once every live driver has finished."""
+        return self.counted + self.running + self.waiting
 
 
-def read_fresh(study: optuna.Study) -> None:
-    """Bring the driver's view up to date now, inside :func:`driver_view` too: for decisions
-    that compare this trial with every other (the pruner's rungs)."""
-    internals.read_fresh(study)
+def counted(trial: FrozenTrial) -> bool:
+    """Whether a trial counts towards ``max_trials``: finished (completed, pruned, or failed
+    for a reason of its own), and not as ``interrupted``."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON) != INTERRUPTED
 
 
-def ask(
-    study: optuna.Study,
-    distributions: Mapping[str, Any],
-    run_id: str,
-    host: str,
-    *,
-    waiting: bool = True,
-) -> optuna.Trial:
-    """Ask a trial recording which driver runs it (:data:`RUN_ID`, :data:`HOST`): parameters
-    and owner in one transaction inside :func:`driver_view`. ``waiting=False``: the tally
-    found no enqueued trial to pop, so none is looked for."""
-    return internals.ask(study, distributions, {RUN_ID: run_id, HOST: host}, waiting=waiting)
-
-
-def set_owner(trial: optuna.Trial, run_id: str, host: str) -> None:
-    """Record which driver runs a trial asked with ``study.ask`` (tests; the driver uses
-    :func:`ask`)."""
-    trial.set_user_attr(RUN_ID, run_id)
-    trial.set_user_attr(HOST, host)
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that count towards ``max_trials`` (:func:`counted`)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
 
 
 def _final(
@@ -175,26 +181,184 @@ def _final(
     return values, state
 
 
-def _tell_public(
-    study: optuna.Study,
-    trial: optuna.Trial | FrozenTrial,
-    value: float | None,
-    state: TrialState,
-    attrs: Mapping[str, Any],
-) -> None:
-    """Tell through Optuna's API (storages other than RDB, an unverified Optuna). Raises
-    ``UpdateFinishedTrialError`` if already finished."""
-    for key, item in attrs.items():
-        internals.set_trial_user_attr(study, internals.trial_id(trial), key, item)
-    study.tell(trial.number, value, state=None if state == TrialState.COMPLETE else state)
-
-
 def _told_by_us(
     study: optuna.Study, trial: optuna.Trial | FrozenTrial, attrs: Mapping[str, Any]
 ) -> bool:
     """After a retried tell met a finished trial: whether it holds our attributes."""
     stored = internals.stored_trial(study, internals.trial_id(trial))
     return all(json.dumps(stored.user_attrs.get(k)) == json.dumps(v) for k, v in attrs.items())
+
+
+def _check_values(results: list[Told]) -> None:
+    for result in results:
+        if result.state == TrialState.COMPLETE and result.value is None:
+            raise ValueError("a completed trial needs a value")
+
+
+def _warn_taken(results: list[Told], told: list[bool]) -> None:
+    for ok, result in zip(told, results, strict=True):
+        if not ok and dict(result.attrs) != {FAIL_REASON: INTERRUPTED}:
+            log.warning(
+                "trial %d was already told by another driver (it judged this one dead); "
+                "dropping this result",
+                result.trial.number,
+            )
+
+
+# -- the two storage paths: chosen once per study ----------------------------------------------
+
+
+class _PublicTrials:
+    """Stored trials through Optuna's public API: storages other than RDB, an unverified
+    Optuna. The base of :class:`_RdbTrials`, which overrides what it does faster."""
+
+    fast = False
+
+    def view(self, study: optuna.Study, seconds: float) -> contextlib.AbstractContextManager:
+        """The driver's view of the study (:meth:`TrialStore.view`): Optuna's own here."""
+        return contextlib.nullcontext(None)
+
+    def read_fresh(self, study: optuna.Study) -> None:
+        """Optuna's cached storage reads other drivers' trials on every read already."""
+
+    def ask(
+        self,
+        study: optuna.Study,
+        distributions: Mapping[str, Any],
+        owner: Mapping[str, Any],
+        *,
+        waiting: bool,
+    ) -> optuna.Trial:
+        trial = study.ask(dict(distributions))
+        for key, value in owner.items():
+            trial.set_user_attr(key, value)
+        return trial
+
+    def tell_many(self, study: optuna.Study, results: list[Told], what: str) -> list[bool]:
+        """Each trial told on its own, attributes then state; a retry that meets the trial
+        finished with our attributes means the attempt before it committed."""
+        _check_values(results)
+        return [self._tell_one(study, result, what) for result in results]
+
+    def _tell_one(self, study: optuna.Study, result: Told, what: str) -> bool:
+        trial, attrs, state = result.trial, dict(result.attrs), result.state
+        attempts = 0
+
+        def once() -> bool:
+            nonlocal attempts
+            attempts += 1
+            try:
+                for key, item in attrs.items():
+                    internals.set_trial_user_attr(study, internals.trial_id(trial), key, item)
+                study.tell(
+                    trial.number,
+                    result.value,
+                    state=None if state == TrialState.COMPLETE else state,
+                )
+            except optuna.exceptions.UpdateFinishedTrialError:
+                if attempts > 1 and _told_by_us(study, trial, attrs):
+                    return True
+                _warn_taken([result], [False])
+                return False
+            return True
+
+        return with_retries(once, what=what)
+
+    def tally(self, study: optuna.Study) -> Tally:
+        """A scan of the study's trials."""
+        done = running = waiting = 0
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state == TrialState.RUNNING:
+                running += 1
+            elif trial.state == TrialState.WAITING:
+                waiting += 1
+            elif counted(trial):
+                done += 1
+        return Tally(done, running, waiting)
+
+    def stale(
+        self, study: optuna.Study, own_run_id: str, grace: float, observer: LeaseObserver
+    ) -> list[FrozenTrial]:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return _stale_among(study, trials, own_run_id, grace, observer)
+
+
+class _RdbTrials(_PublicTrials):
+    """Stored trials on RDB storage through :mod:`simcal.optuna_internals`: an ask writes its
+    parameters and owner in one transaction, a batch of tells is one transaction, the budget
+    is one grouped ``COUNT``, the RUNNING trials' owners one light query."""
+
+    fast = True
+
+    def view(self, study: optuna.Study, seconds: float) -> contextlib.AbstractContextManager:
+        return internals.driver_storage(study, seconds)
+
+    def read_fresh(self, study: optuna.Study) -> None:
+        internals.read_fresh(study)
+
+    def ask(
+        self,
+        study: optuna.Study,
+        distributions: Mapping[str, Any],
+        owner: Mapping[str, Any],
+        *,
+        waiting: bool,
+    ) -> optuna.Trial:
+        return internals.ask(study, distributions, owner, waiting=waiting)
+
+    def tell_many(self, study: optuna.Study, results: list[Told], what: str) -> list[bool]:
+        _check_values(results)
+        finals = [
+            (result.trial, *_final(result.trial, result.value, result.state), dict(result.attrs))
+            for result in results
+        ]
+        attempts = 0
+
+        def once() -> list[bool]:
+            nonlocal attempts
+            attempts += 1
+            written = internals.write_finals(study, finals)
+            if attempts > 1:  # an attempt before may have committed, then lost its connection
+                written = [
+                    ok or _told_by_us(study, trial, attrs)
+                    for ok, (trial, _, _, attrs) in zip(written, finals, strict=True)
+                ]
+            return written
+
+        written = with_retries(once, what=what)
+        _warn_taken(results, written)
+        return written
+
+    def tally(self, study: optuna.Study) -> Tally:
+        by_state, interrupted = internals.count_trials(study, FAIL_REASON, INTERRUPTED)
+        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        done = sum(by_state.get(state, 0) for state in finished) - interrupted
+        running, waiting = by_state.get(TrialState.RUNNING, 0), by_state.get(TrialState.WAITING, 0)
+        return Tally(done, running, waiting)
+
+    def stale(
+        self, study: optuna.Study, own_run_id: str, grace: float, observer: LeaseObserver
+    ) -> list[FrozenTrial]:
+        """The RUNNING trials and their owners read from the database in one light query
+        (never from a cached view); only the stale ones are loaded in full."""
+        owners = internals.running_owners(study, RUN_ID)
+        leases = _leases(study) if owners else {}
+        dead = [
+            tid
+            for tid, _, owner in owners
+            if _dead(observer, tid, owner, own_run_id, leases, grace)
+        ]
+        _forget(observer, [tid for tid, _, _ in owners], leases)
+        return [internals.stored_trial(study, tid) for tid in dead]
+
+
+_PUBLIC, _RDB = _PublicTrials(), _RdbTrials()
+
+
+def _path(study: optuna.Study) -> _PublicTrials:
+    """The storage path for ``study``: the one choice of RDB or public path (per call for the
+    functions below; once per run for :class:`TrialStore`)."""
+    return _RDB if internals.rdb(study) is not None else _PUBLIC
 
 
 def tell(
@@ -213,81 +377,22 @@ def tell(
     that finds the trial finished with our attributes means the attempt before it committed
     and then lost its connection before hearing so: told by us.
     """
-    attrs = dict(attrs or {})
-    if internals.rdb(study) is not None:  # one transaction: a group commit of one
-        return tell_many(study, [Told(trial, value, state, attrs)], what=what)[0]
-    if state == TrialState.COMPLETE and value is None:
-        raise ValueError("a completed trial needs a value")
-    attempts = 0
-
-    def once() -> bool:
-        nonlocal attempts
-        attempts += 1
-        try:
-            _tell_public(study, trial, value, state, attrs)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            if attempts > 1 and _told_by_us(study, trial, attrs):
-                return True
-            if attrs != {FAIL_REASON: INTERRUPTED}:
-                log.warning(
-                    "trial %d was already told by another driver (it judged this one dead); "
-                    "dropping this result",
-                    trial.number,
-                )
-            return False
-        return True
-
-    return with_retries(once, what=what)
-
-
-@dataclass(frozen=True)
-class Told:
-    """One trial's result for :func:`tell_many`."""
-
-    trial: optuna.Trial | FrozenTrial
-    value: float | None = None
-    state: TrialState = TrialState.COMPLETE
-    attrs: Mapping[str, Any] = field(default_factory=dict)
+    return tell_many(study, [Told(trial, value, state, dict(attrs or {}))], what=what)[0]
 
 
 def tell_many(study: optuna.Study, results: list[Told], *, what: str = "tell") -> list[bool]:
-    """Tell several trials in one transaction (a group commit), retrying transient errors;
-    as :func:`tell` for each: False when another driver told it first. Every returned True
-    is committed."""
+    """Tell several trials in one transaction (a group commit on RDB storage), retrying
+    transient errors; as :func:`tell` for each: False when another driver told it first.
+    Every returned True is committed."""
     if not results:
         return []
-    if internals.rdb(study) is None:
-        return [
-            tell(study, r.trial, r.value, state=r.state, attrs=r.attrs, what=what) for r in results
-        ]
-    finals = []
-    for result in results:
-        if result.state == TrialState.COMPLETE and result.value is None:
-            raise ValueError("a completed trial needs a value")
-        values, state = _final(result.trial, result.value, result.state)
-        finals.append((result.trial, values, state, dict(result.attrs)))
-    attempts = 0
+    return _path(study).tell_many(study, results, what)
 
-    def once() -> list[bool]:
-        nonlocal attempts
-        attempts += 1
-        written = internals.write_finals(study, finals)
-        if attempts > 1:  # an attempt before may have committed, then lost its connection
-            written = [
-                ok or _told_by_us(study, trial, attrs)
-                for ok, (trial, _, _, attrs) in zip(written, finals, strict=True)
-            ]
-        return written
 
-    written = with_retries(once, what=what)
-    for ok, result in zip(written, results, strict=True):
-        if not ok and dict(result.attrs) != {FAIL_REASON: INTERRUPTED}:
-            log.warning(
-                "trial %d was already told by another driver (it judged this one dead); "
-                "dropping this result",
-                result.trial.number,
-            )
-    return written
+def tally(study: optuna.Study) -> Tally:
+    """Count the study's trials for the budget: one grouped COUNT query on RDB storage, so
+    asking it before every ask stays cheap; a scan of the trials on other storages."""
+    return _path(study).tally(study)
 
 
 # -- interrupting and re-enqueuing ---------------------------------------------------------------
@@ -304,8 +409,17 @@ def requeue(
     two commits leaves an interrupted trial without a retry: not counted, so the budget asks a
     fresh trial instead; nothing counted is lost.
     """
-    attrs = {FAIL_REASON: INTERRUPTED}
-    if not tell(study, trial, state=TrialState.FAIL, attrs=attrs, what="interrupt trial"):
+    return _requeue(_path(study), study, trial, names)
+
+
+def _requeue(
+    path: _PublicTrials,
+    study: optuna.Study,
+    trial: FrozenTrial | optuna.Trial,
+    names: Collection[str],
+) -> bool:
+    claim = Told(trial, state=TrialState.FAIL, attrs={FAIL_REASON: INTERRUPTED})
+    if not path.tell_many(study, [claim], "interrupt trial")[0]:
         return False
     # a popped retry killed before its suggest still has its parameters as fixed_params
     system_attrs = getattr(trial, "system_attrs", None) or {}
@@ -318,53 +432,6 @@ def requeue(
             what="re-enqueue trial",
         )
     return True
-
-
-def counted(trial: FrozenTrial) -> bool:
-    """Whether a trial counts towards ``max_trials``: finished (completed, pruned, or failed
-    for a reason of its own), and not as ``interrupted``."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get(FAIL_REASON) != INTERRUPTED
-
-
-def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``max_trials`` (:func:`counted`)."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if counted(t))
-
-
-@dataclass(frozen=True)
-class Tally:
-    """The study's trials as the budget sees them, across every driver."""
-
-    counted: int = 0
-    running: int = 0  # asked, not told (any driver's, dead or alive)
-    waiting: int = 0  # enqueued, not asked yet
-
-    @property
-    def committed(self) -> int:
-        """Trials that are or will be counted once every live driver has finished."""
-        return self.counted + self.running + self.waiting
-
-
-def tally(study: optuna.Study) -> Tally:
-    """Count the study's trials for the budget: one grouped COUNT query on RDB storage, so
-    asking it before every ask stays cheap; a scan of the trials on other storages."""
-    if internals.rdb(study) is not None:
-        by_state, interrupted = internals.count_trials(study, FAIL_REASON, INTERRUPTED)
-        finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        done = sum(by_state.get(state, 0) for state in finished) - interrupted
-        running, waiting = by_state.get(TrialState.RUNNING, 0), by_state.get(TrialState.WAITING, 0)
-        return Tally(done, running, waiting)
-    done = running = waiting = 0
-    for trial in study.get_trials(deepcopy=False):
-        if trial.state == TrialState.RUNNING:
-            running += 1
-        elif trial.state == TrialState.WAITING:
-            waiting += 1
-        elif counted(trial):
-            done += 1
-    return Tally(done, running, waiting)
 
 
 # -- leases: which drivers are alive ------------------------------------------------------------
@@ -484,18 +551,18 @@ def stale_trials(
     On RDB storage the RUNNING trials and their owners are read from the database in one
     light query (never from a cached view), and only the stale ones are loaded in full."""
     observer = observer or LeaseObserver()
-    if trials is None and internals.rdb(study) is not None:
-        owners = internals.running_owners(study, RUN_ID)
-        leases = _leases(study) if owners else {}
-        dead = [
-            tid
-            for tid, _, owner in owners
-            if _dead(observer, tid, owner, own_run_id, leases, grace)
-        ]
-        _forget(observer, [tid for tid, _, _ in owners], leases)
-        return [internals.stored_trial(study, tid) for tid in dead]
     if trials is None:
-        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return _path(study).stale(study, own_run_id, grace, observer)
+    return _stale_among(study, trials, own_run_id, grace, observer)
+
+
+def _stale_among(
+    study: optuna.Study,
+    trials: Iterable[FrozenTrial],
+    own_run_id: str,
+    grace: float,
+    observer: LeaseObserver,
+) -> list[FrozenTrial]:
     running = [t for t in trials if t.state == TrialState.RUNNING]
     leases = _leases(study) if running else {}
     stale = [
@@ -558,11 +625,185 @@ def recover_stale(
     ``names``: the study's parameter names; a trial without all of them was killed mid-ask
     (never submitted) and is not retried. ``observer``: the caller's, kept across calls
     (:func:`stale_trials`)."""
-    recovered = []
-    stale = with_retries(
-        lambda: stale_trials(study, own_run_id, grace, observer), what="read leases"
-    )
-    for trial in stale:
-        if requeue(study, trial, names):
-            recovered.append(trial.number)
-    return recovered
+    return _recover(_path(study), study, own_run_id, grace, names, observer or LeaseObserver())
+
+
+def _recover(
+    path: _PublicTrials,
+    study: optuna.Study,
+    own_run_id: str,
+    grace: float,
+    names: Collection[str],
+    observer: LeaseObserver,
+) -> list[int]:
+    stale = with_retries(lambda: path.stale(study, own_run_id, grace, observer), what="read leases")
+    return [trial.number for trial in stale if _requeue(path, study, trial, names)]
+
+
+# -- the front door -----------------------------------------------------------------------------
+
+
+class TrialStore:
+    """A driver run's one door to its stored trials (here, beside the two storage paths it
+    chooses between and the lease rules it applies, which :mod:`simcal.trials`' functions
+    share: a module of its own would reach into this one's private halves).
+
+    Built once per run: the RDB or public path is chosen when it is built, as Optuna chooses
+    its heartbeat thread once, and never re-checked per call. Every operation retries
+    transient database errors and reports its wall seconds to ``timer(operation, seconds)``
+    (``simcal_storage_seconds``: ``ask``, ``tell`` or ``other``). The run's identity
+    (``run_id``, ``host``), its lease (:meth:`open`) and its :class:`LeaseObserver` live here.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        distributions: Mapping[str, Any],
+        *,
+        run_id: str,
+        host: str | None = None,
+        lease_interval: float = DEFAULT_LEASE_INTERVAL,
+        lease_grace: float = DEFAULT_LEASE_GRACE,
+        timer: Callable[[str, float], None] | None = None,
+    ) -> None:
+        self.study = study
+        self.run_id = run_id
+        self.host = host or driver_host()
+        self.lease_interval, self.lease_grace = lease_interval, lease_grace
+        self._distributions = dict(distributions)
+        self._owner = {RUN_ID: run_id, HOST: self.host}
+        self._path = _path(study)
+        self._timer = timer or (lambda operation, seconds: None)
+        self._observer = LeaseObserver()  # other drivers' leases, aged on our monotonic clock
+
+    @property
+    def fast(self) -> bool:
+        """Whether the run takes the RDB fast path (else Optuna's public API)."""
+        return self._path.fast
+
+    @contextlib.contextmanager
+    def _timed(self, operation: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timer(operation, time.perf_counter() - started)
+
+    # -- the run -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[None]:
+        """The run's lease held (written first, renewed, released after) and the driver's view
+        of the study (:meth:`view`) for the block."""
+        lease = DriverLease(self.study, self.run_id, interval=self.lease_interval, host=self.host)
+        lease.start()
+        try:
+            with self.view():
+                yield
+        finally:
+            lease.release()
+
+    def view(self, seconds: float = 0.5) -> contextlib.AbstractContextManager:
+        """Within the block, the study is seen as a driver sees it: its own trials written
+        through, other drivers' changes read at most every ``seconds`` (RDB path; yields its
+        storage, else None). Tallies, tells and claims read the database directly."""
+        return self._path.view(self.study, seconds)
+
+    def paths(self) -> dict[str, Any]:
+        """Which storage and sampler path the run takes (``optuna_internals.fast_path``)."""
+        return internals.fast_path(self.study)
+
+    @staticmethod
+    def describe_paths(paths: Mapping[str, Any]) -> str:
+        """:meth:`paths` as one log-line phrase."""
+        return internals.describe_fast_path(paths)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def stored_count(self) -> int:
+        """How many trials the study holds (any state)."""
+        with self._timed("other"):
+            return with_retries(
+                lambda: len(self.study.get_trials(deepcopy=False)), what="resume"
+            )
+
+    def best_values(self, limit: int) -> list[float]:
+        """The ``limit`` lowest values of completed trials, ascending."""
+
+        def read() -> list[float]:
+            completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            return sorted(t.value for t in completed if t.value is not None)[:limit]
+
+        with self._timed("other"):
+            return with_retries(read, what="read best trials")
+
+    def tally(self) -> Tally:
+        """The budget tally of every driver's trials, read from the database."""
+        with self._timed("other"):
+            return with_retries(lambda: self._path.tally(self.study), what="count trials")
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def ask(self, *, waiting: bool) -> optuna.Trial:
+        """Ask a trial recording this run as its owner (:data:`RUN_ID`, :data:`HOST`): on the
+        RDB path parameters and owner in one transaction. ``waiting=False``: the tally found no
+        enqueued trial to pop, so none is looked for."""
+        with self._timed("ask"):
+            return with_retries(
+                lambda: self._path.ask(
+                    self.study, self._distributions, self._owner, waiting=waiting
+                ),
+                what="ask",
+            )
+
+    def tell(
+        self,
+        trial: optuna.Trial | FrozenTrial,
+        value: float | None = None,
+        *,
+        state: TrialState = TrialState.COMPLETE,
+        attrs: Mapping[str, Any] | None = None,
+        what: str = "tell",
+    ) -> bool:
+        """Tell one trial (:func:`tell`)."""
+        with self._timed("tell"):
+            return self._path.tell_many(
+                self.study, [Told(trial, value, state, dict(attrs or {}))], what
+            )[0]
+
+    def tell_many(self, results: list[Told]) -> list[bool]:
+        """Tell a batch in one transaction on the RDB path (:func:`tell_many`)."""
+        if not results:
+            return []
+        with self._timed("tell"):
+            return self._path.tell_many(self.study, results, "tell")
+
+    def requeue(self, trial: FrozenTrial | optuna.Trial) -> bool:
+        """Claim one of this run's trials as interrupted and enqueue it again (:func:`requeue`)."""
+        with self._timed("tell"):
+            return _requeue(self._path, self.study, trial, ())
+
+    def recover_stale(self) -> list[int]:
+        """Claim other drivers' stale trials and enqueue them again (:func:`recover_stale`)."""
+        with self._timed("other"):
+            return _recover(
+                self._path,
+                self.study,
+                self.run_id,
+                self.lease_grace,
+                self._distributions,
+                self._observer,
+            )
+
+    def read_fresh(self) -> None:
+        """Bring the driver's view (:meth:`view`) up to date now."""
+        with self._timed("other"):
+            with_retries(lambda: self._path.read_fresh(self.study), what="read trials")
+
+    def prune(self, trial: optuna.Trial, value: float, step: int) -> bool:
+        """Report a partial loss and ask the pruner, on a view brought up to date first (the
+        pruner compares this trial with every other's rungs)."""
+        with self._timed("other"):
+            with_retries(lambda: trial.report(value, step), what="report")
+            with_retries(lambda: self._path.read_fresh(self.study), what="prune")
+            return with_retries(trial.should_prune, what="prune")

@@ -81,6 +81,15 @@ def rdb(study: Study) -> RDBStorage | None:
     return backend if isinstance(backend, RDBStorage) else None
 
 
+def _backend(study: Study) -> RDBStorage:
+    """The study's RDB storage, for callers on the RDB path: the guard was asked once, when
+    the path was chosen (:class:`simcal.trials.TrialStore`), and is not asked again per call."""
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)
+    assert isinstance(backend, RDBStorage), type(backend).__name__
+    return backend
+
+
 def upsert_user_attrs(
     backend: RDBStorage, session: Any, trial: int, attrs: Mapping[str, Any], *, system: bool = False
 ) -> None:
@@ -114,8 +123,7 @@ def write_finals(study: Study, finals: Sequence[Final]) -> list[bool]:
     """Write several trials' attributes, values and final states in one transaction (a
     group commit: one per batch of results); for each, False if it was already finished
     (another driver claimed it) and so left as stored."""
-    backend = rdb(study)
-    assert backend is not None
+    backend = _backend(study)
     for trial, values, state, _ in finals:  # as Optuna's tell: before the write
         frozen = getattr(trial, "_cached_frozen_trial", trial)
         study.sampler.after_trial(study, frozen, state, values)
@@ -156,8 +164,7 @@ def count_trials(
 ) -> tuple[dict[TrialState, int], int]:
     """The study's trials by state, and the failed ones whose user attribute ``reason_key``
     is ``reason_value``: one grouped query with an outer join (RDB storage)."""
-    backend = rdb(study)
-    assert backend is not None
+    backend = _backend(study)
     trial, attr = models.TrialModel, models.TrialUserAttributeModel
     with _create_scoped_session(backend.scoped_session) as session:
         rows = (
@@ -186,8 +193,7 @@ def count_trials(
 def running_owners(study: Study, owner_key: str) -> list[tuple[int, float, Any]]:
     """Every RUNNING trial of the study as (trial id, start time, ``owner_key`` attribute or
     None), straight from the database: one light query, no parameters loaded."""
-    backend = rdb(study)
-    assert backend is not None
+    backend = _backend(study)
     trial, attr = models.TrialModel, models.TrialUserAttributeModel
     with _create_scoped_session(backend.scoped_session) as session:
         rows = (
@@ -476,18 +482,15 @@ def _detached(trial: FrozenTrial) -> FrozenTrial:
 
 
 @contextlib.contextmanager
-def driver_storage(study: Study, seconds: float = 0.5) -> Iterator[DriverStorage | None]:
-    """Within the block, the study reads and writes through a :class:`DriverStorage` (RDB
-    storage on a verified Optuna; otherwise nothing changes and None is yielded).
+def driver_storage(study: Study, seconds: float = 0.5) -> Iterator[DriverStorage]:
+    """Within the block, the study reads and writes through a :class:`DriverStorage` (the
+    RDB path only, which :class:`simcal.trials.TrialStore` chose: RDB storage on a verified
+    Optuna; on the public path the study keeps Optuna's own cache).
 
     After the block the study keeps that storage, as a plain cache: every read is fresh
     again and nothing counts as the driver's own. (Swapping Optuna's cache back in would
     load every trial a second time: at 5,000 trials the driver's memory grew by a third.)"""
-    backend = rdb(study)
-    if backend is None:
-        yield None
-        return
-    storage = study._storage = DriverStorage(backend, seconds)
+    storage = study._storage = DriverStorage(_backend(study), seconds)
     try:
         yield storage
     finally:

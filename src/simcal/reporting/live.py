@@ -227,11 +227,10 @@ class DriverHTTP:
     def __init__(
         self, metrics: Metrics, config: CalibrationConfig, port: int, host: str, interval: float
     ) -> None:
-        def completed() -> float:
-            return metrics.value("simcal_trials_total", status="completed")
-
         self.live = (
-            LiveReport(config, interval=interval, completed=completed) if interval > 0 else None
+            LiveReport(config, interval=interval, completed=metrics.completed_trials)
+            if interval > 0
+            else None
         )
         source = (
             ReportSource(lambda: self.live.directory, self.live.request, interval)

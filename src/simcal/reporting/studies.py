@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy.engine import make_url
 
 from simcal.config import ConfigError
-from simcal.storage import StorageError, connect_url, redact
+from simcal.storage import MissingStorageError, StorageError, open_existing, redact
 from simcal.trials import FAIL_REASON, INTERRUPTED
 
 
@@ -36,19 +34,11 @@ class StudyListing:
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An existing storage; never creates a database file or tables."""
+    """An existing storage (:func:`simcal.storage.open_existing`); a missing one is bad input."""
     try:
-        parsed = make_url(url)
-    except Exception:
-        raise MissingStudyError(f"invalid storage URL {redact(url)!r}") from None
-    database = parsed.database
-    local = parsed.drivername.startswith("sqlite") and database not in (None, "", ":memory:")
-    if local and not Path(str(database)).is_file():
-        raise MissingStudyError(f"storage {redact(url)}: the SQLite file {database} does not exist")
-    try:
-        return optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
-    except Exception as exc:
-        raise StorageError(f"cannot read {redact(url)}: {type(exc).__name__}") from None
+        return open_existing(url)
+    except MissingStorageError as exc:
+        raise MissingStudyError(str(exc)) from None
 
 
 def study_names(storage: optuna.storages.RDBStorage) -> list[str]:
