@@ -179,6 +179,15 @@ def test_csv_data_and_a_module_model_on_a_client_of_yours(tmp_path, small_client
     # the same study again: its budget is spent, nothing runs, nothing is lost
     again = cal.run(client=small_client)
     assert again.stats.completed == 0 and len(again.trials) == 6
+    # the same study with another range: refused, showing the difference (its budget intact)
+    wider = simcal.Calibration.from_config(
+        cal.config.model_copy(update={"parameters": {
+            "beta": simcal.Parameter(0.1, 2.0), "gamma": simcal.Parameter(0.05, 0.5)}})
+    )
+    with pytest.raises(ConfigError, match=r"beta.*2"):
+        wider.run(client=small_client)
+    widened = wider.run(client=small_client, allow_config_change=True)
+    assert widened.stats.completed == 0 and len(widened.trials) == 6
 
 
 def test_without_a_client_a_local_cluster_is_started_and_closed_after():

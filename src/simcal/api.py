@@ -51,6 +51,7 @@ from simcal.progress import ProgressReporter
 from simcal.samplers import make_sampler
 from simcal.service import SimulationService
 from simcal.storage import open_study, redact
+from simcal.studyshape import check_shape
 
 log = logging.getLogger("simcal")
 
@@ -211,6 +212,7 @@ class Calibration:
         progress: bool | None = None,
         connect_timeout: float = 120.0,
         dashboard_address: str | None = "127.0.0.1:8787",
+        allow_config_change: bool = False,
     ) -> Result:
         """Run the calibration and return its :class:`Result`.
 
@@ -221,6 +223,9 @@ class Calibration:
         notebook's interrupt) stops asking for trials and tells those in flight within the
         config's ``grace_period``; a second one stops at once, re-enqueueing the unfinished.
         ``progress``: None shows it in a notebook or on a terminal, False never.
+        A study stores the shape (parameters, ranges, targets) it was created with; a run whose
+        config differs raises :class:`~simcal.config.ConfigError` showing the difference, unless
+        ``allow_config_change`` and only ranges changed (``--allow-config-change`` of the CLI).
         """
         config = self.config
         temporary = None
@@ -232,6 +237,7 @@ class Calibration:
             check_targets(config)
             with _quiet_optuna():  # "A new study created": the summary says what ran
                 study = open_run_study(config)
+            check_shape(study, config, allow_change=allow_config_change)  # before nothing-to-do
             stats, seen = RunStats(), 0
             if not nothing_to_do(study, config):
                 options = ClusterOptions(
