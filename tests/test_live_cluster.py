@@ -201,20 +201,17 @@ def submitted(*args: object, env: dict | None = None) -> str:
 
 
 def test_simcal_submit_runs_the_own_model_and_retrieves_its_trials(cluster, tmp_path):
-    """examples/own-model submitted to the demo release (its model source and data shipped in
-    a ConfigMap): the Job completes; `simcal submit --results` prints its trials."""
+    """examples/own-model as it ships (a copy with max_trials lowered), submitted to the demo
+    release with its project folder on PYTHONPATH as the example's header says: the package
+    mysir travels in the ConfigMap and imports in the pod; the Job completes; `simcal submit
+    --results` prints its trials."""
     trials = 16
-    # The config with its data and the package beside it: the layout whose model code
-    # `simcal submit` ships (the config's folder is on sys.path in the pod).
     own = tmp_path / "own-model"
-    own.mkdir()
-    for name in ("calibration.yaml", "incidence.csv"):
-        shutil.copy(REPO / "examples" / "own-model" / name, own / name)
-    shutil.copytree(REPO / "examples" / "own-model" / "mysir" / "mysir", own / "mysir")
+    shutil.copytree(REPO / "examples" / "own-model", own)
     config = yaml.safe_load((own / "calibration.yaml").read_text(encoding="utf-8"))
     config["max_trials"] = trials
     (own / "calibration.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    env = {"PYTHONPATH": str(REPO / "src")}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(own / "mysir")])}
     if not json.loads(kubectl("get", "jobs", "-o", "json"))["items"]:
         helm("install", "demo", "./helm/simcal", "-f", CLUSTER / "values.yaml",
              "--set", "driver.enabled=false", "--timeout", "15m")
