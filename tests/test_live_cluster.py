@@ -294,6 +294,48 @@ def test_scheduler_pod_deleted_mid_run_the_study_completes_exactly(cluster):
     helm("uninstall", "sched", "--wait", "--timeout", "5m")
 
 
+def test_helm_upgrade_mid_run_resumes_from_storage_and_the_count_is_exact(cluster):
+    """`helm upgrade` while the driver Job runs, raising the budget (README: "upgrade (starts a
+    new driver that resumes from storage)"): the chart names the driver Job by revision, so Helm
+    deletes driver 1 (SIGTERM: it tells what finished and re-enqueues what was in flight) and
+    starts driver 2, which resumes the study. Nothing told is lost: the study ends with exactly
+    the new max_trials completed, from both drivers, every other trial an interrupted one whose
+    retry completed, and no parameters run to completion twice."""
+    first, raised = FAULT_TRIALS // 2, FAULT_TRIALS // 2 + 40
+    values = ("-f", CLUSTER / "values.yaml", "--set", "calibration.study=upgrade-live")
+    helm("install", "upg", "./helm/simcal", *values,
+         "--set", f"calibration.max_trials={first}", "--timeout", "15m")
+    old = job_named("upg")
+    wait_for(lambda: progress(old) >= 8, 1200, "the first trials")
+    assert job_done(old) is None, "driver 1 finished before the upgrade"
+    helm("upgrade", "upg", "./helm/simcal", *values,
+         "--set", f"calibration.max_trials={raised}", "--timeout", "15m")
+    new = old.removesuffix("-1") + "-2"
+    wait_for(lambda: [j["metadata"]["name"] for j in json.loads(kubectl(
+        "get", "jobs", "-l", "app.kubernetes.io/instance=upg", "-o", "json"))["items"]] == [new],
+        600, "Helm to replace driver 1's Job with driver 2's")
+    assert wait_for(lambda: job_done(new), 1800, "driver 2's Job to finish") == "Complete", \
+        kubectl("logs", f"job/{new}", "--tail", "80", check=False)
+    summary = summary_of(new)
+    assert summary["n_completed"] == raised and summary["n_failed"] == 0, summary
+    assert 0 < summary["this_run"]["completed"] < raised, summary
+    results = submitted("--release", "upg", "--results", "upgrade-live", "--format", "json",
+                        env={"PYTHONPATH": str(REPO / "src")})
+    assert wait_for(lambda: job_done(results), 600, f"job {results}") == "Complete"
+    rows = json.loads(kubectl("logs", f"job/{results}"))
+    completed = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(completed) == raised
+    assert len({r["run_id"] for r in completed}) == 2, "both drivers completed trials"
+    others = [r for r in rows if r["state"] != "COMPLETE"]
+    assert all(r["state"] == "FAIL" and r["fail_reason"] == "interrupted" for r in others), others
+    retried = {r["retry_of"] for r in completed if r["retry_of"] is not None}
+    assert {r["number"] for r in others} <= retried, "an interrupted trial was not run again"
+    params = [tuple(v for k, v in sorted(r.items()) if k.startswith("param_")) for r in completed]
+    assert len(set(params)) == raised, "a trial's parameters ran to completion twice"
+    kubectl("delete", "job", results, "--cascade=foreground")
+    helm("uninstall", "upg", "--wait", "--timeout", "5m")
+
+
 def test_prometheus_scrapes_the_live_pods_and_records_throughput(cluster, tmp_path):
     """Debian's Prometheus in the cluster's namespace finds the driver, scheduler and worker
     pods through the API server by the chart's labels and annotations, loads the chart's rules,
@@ -349,3 +391,4 @@ def test_two_driver_pods_share_one_study_on_postgresql(cluster):
         assert completed == trials
         helm("uninstall", "para", "--wait", "--timeout", "5m")
         kubectl("delete", "secret", "para-storage")
+
