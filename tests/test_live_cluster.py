@@ -392,3 +392,112 @@ def test_two_driver_pods_share_one_study_on_postgresql(cluster):
         helm("uninstall", "para", "--wait", "--timeout", "5m")
         kubectl("delete", "secret", "para-storage")
 
+
+def test_a_live_throughput_regression_fires_simcal_throughput_regression(cluster, tmp_path):
+    """The seed's story on the live cluster: a run's healthy throughput is measured, the run
+    loses 6 of its 8 workers (the DaskWorkerGroup scaled to 2), and SimcalThroughputRegression,
+    from the chart's rules with only its `for:` shortened to 1m through
+    monitoring.prometheusRule.throughputRegressionFor, goes pending, then firing.
+
+    Stand-in for 75 minutes of history: the rule's baseline (simcal:trials_per_minute:baseline3h)
+    needs the study's 5m rate to have existed 75 minutes ago. The healthy phase's live
+    simcal:trials_per_minute:rate5m, measured by this Prometheus from the driver's counters, is
+    backfilled as that series' history (`promtool tsdb create-blocks-from openmetrics`, Prometheus
+    stopped and started again on its data), 4 hours up to the moment the live scraping began.
+    Everything after that is live: the counters, the recording rules, the alert.
+
+    The model sleeps (the synthetic model's `duration`): the run's throughput is set by its
+    worker count, not by this shared machine's CPU."""
+    require(shutil.which("prometheus") is not None, "prometheus is not installed")
+    from chart import find, render
+    from monitoring import promtool
+
+    study = "regression-live"
+    rule = find(render({"monitoring": {"prometheusOperator": "always",
+                                       "prometheusRule": {"throughputRegressionFor": "1m"}}}),
+                "PrometheusRule")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}), encoding="utf-8")
+    values = tmp_path / "regression.yaml"
+    values.write_text(yaml.safe_dump({"calibration": {
+        "study": study,
+        "model": "simcal.models.synthetic:simulate",
+        "model_options": {"duration": 3.0},  # 2 replicates: 6 worker-seconds a trial
+        "parameters": {"beta": None, "gamma": None,  # null drops the chart's SEIR parameters
+                       "x1": {"low": 0.0, "high": 1.0}, "x2": {"low": 0.0, "high": 1.0}},
+        "replicates": 2,
+        "targets": [{"name": "bowl", "observed": "simcal.models.synthetic:observed"}],
+        "max_trials": 100_000,  # never reached: the release is uninstalled mid-run
+    }}), encoding="utf-8")
+    ours = "app.kubernetes.io/instance=regr"
+    rate = f'simcal:trials_per_minute:rate5m{{study="{study}"}}'
+    baseline = f'simcal:trials_per_minute:baseline3h{{study="{study}"}}'
+
+    def refresh(prometheus: LivePrometheus) -> None:
+        prometheus.update(
+            json.loads(kubectl("get", "pods", "-l", ours, "-o", "json"))["items"],
+            json.loads(kubectl("get", "services", "-l", ours, "-o", "json"))["items"],
+        )
+
+    def value(prometheus: LivePrometheus, expr: str) -> float | None:
+        refresh(prometheus)
+        result = prometheus.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    live_from = time.time()
+    prometheus = LivePrometheus(tmp_path, rules)
+    try:
+        helm("install", "regr", "./helm/simcal", "-f", CLUSTER / "values.yaml", "-f", values,
+             "--timeout", "15m")
+        wait_for(lambda: value(prometheus, f"{rate} > 0"), 1200, "the first trials")
+        # A true 5m rate: five minutes and a half of the healthy run behind it.
+        healthy_from = time.monotonic()
+        while time.monotonic() - healthy_from < 330:
+            value(prometheus, rate)
+            time.sleep(5)
+        healthy = value(prometheus, rate)
+        assert healthy and healthy > 0, healthy
+        assert not prometheus.query(baseline), "a baseline before any history was backfilled"
+        prometheus.stop()
+
+        history = tmp_path / "history.om"
+        step, end = 30, int(live_from) - 30
+        lines = ["# TYPE simcal:trials_per_minute:rate5m gauge"]
+        lines += [f'simcal:trials_per_minute:rate5m{{study="{study}"}} {healthy} {t}'
+                  for t in range(end - 4 * 3600, end + 1, step)]
+        history.write_text("\n".join(lines) + "\n# EOF\n", encoding="utf-8")
+        sh(promtool(), "tsdb", "create-blocks-from", "openmetrics", history, tmp_path / "data")
+
+        prometheus = LivePrometheus(tmp_path, rules)
+        measured = wait_for(lambda: value(prometheus, baseline), 300, "the baseline")
+        assert abs(measured - healthy) < 1e-6 * healthy, (measured, healthy)
+        now = wait_for(lambda: value(prometheus, rate), 300, "the live rate after the restart")
+        assert now >= 0.7 * measured, (now, measured)  # healthy: the expression is false
+        assert not [a for a in prometheus.api("alerts")["alerts"]
+                    if a["labels"]["alertname"] == "SimcalThroughputRegression"]
+
+        groups = json.loads(kubectl("get", "daskworkergroups", "-l", ours, "-o", "json"))["items"]
+        assert len(groups) == 1, [g["metadata"]["name"] for g in groups]
+        kubectl("patch", "daskworkergroup", groups[0]["metadata"]["name"], "--type", "merge",
+                "-p", json.dumps({"spec": {"worker": {"replicas": 2}}}))
+        wait_for(lambda: len(pods("dask.org/component=worker," + ours)) == 2, 600,
+                 "the worker group to shrink to 2")
+
+        states: list[str] = []
+
+        def regression_alert() -> dict | None:
+            refresh(prometheus)
+            for alert in prometheus.api("alerts")["alerts"]:
+                if alert["labels"]["alertname"] == "SimcalThroughputRegression" \
+                        and alert["labels"].get("study") == study:
+                    if not states or states[-1] != alert["state"]:
+                        states.append(alert["state"])
+                    return alert if alert["state"] == "firing" else None
+            return None
+
+        firing = wait_for(regression_alert, 1200, "SimcalThroughputRegression to fire")
+        assert states[0] == "pending" and states[-1] == "firing", states
+        assert float(firing["value"]) < 0.7 * measured, (firing, measured)
+    finally:
+        prometheus.stop()
+    helm("uninstall", "regr", "--wait", "--timeout", "5m")
