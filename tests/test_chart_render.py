@@ -646,6 +646,22 @@ def test_monitoring_off(rendered):
     assert "prometheus" not in json.dumps(find_all(objects, "NetworkPolicy"))
 
 
+def test_throughput_regression_for_is_the_only_change_a_value_makes():
+    """monitoring.prometheusRule.throughputRegressionFor shortens SimcalThroughputRegression's
+    `for:` (the live cluster's test of the alert); every other rule stays as the file has it."""
+    rule = find(render({"monitoring": {"prometheusRule": {"throughputRegressionFor": "1m"}}}),
+                "PrometheusRule")
+    expected = yaml.safe_load(RULES_FILE.read_text())["groups"]
+    for group in expected:
+        for source in group["rules"]:
+            if source.get("alert") == "SimcalThroughputRegression":
+                assert source["for"] == "10m"
+                source["for"] = "1m"
+    assert rule["spec"] == {"groups": expected}
+    with pytest.raises(helm_python.HelmValuesError, match="throughputRegressionFor"):
+        render({"monitoring": {"prometheusRule": {"throughputRegressionFor": "soon"}}})
+
+
 def test_prometheus_rule_comes_from_the_rules_file(default_objects):
     rule = find(default_objects, "PrometheusRule")
     source = yaml.safe_load(RULES_FILE.read_text())

@@ -201,20 +201,17 @@ def submitted(*args: object, env: dict | None = None) -> str:
 
 
 def test_simcal_submit_runs_the_own_model_and_retrieves_its_trials(cluster, tmp_path):
-    """examples/own-model submitted to the demo release (its model source and data shipped in
-    a ConfigMap): the Job completes; `simcal submit --results` prints its trials."""
+    """examples/own-model as it ships (a copy with max_trials lowered), submitted to the demo
+    release with its project folder on PYTHONPATH as the example's header says: the package
+    mysir travels in the ConfigMap and imports in the pod; the Job completes; `simcal submit
+    --results` prints its trials."""
     trials = 16
-    # The config with its data and the package beside it: the layout whose model code
-    # `simcal submit` ships (the config's folder is on sys.path in the pod).
     own = tmp_path / "own-model"
-    own.mkdir()
-    for name in ("calibration.yaml", "incidence.csv"):
-        shutil.copy(REPO / "examples" / "own-model" / name, own / name)
-    shutil.copytree(REPO / "examples" / "own-model" / "mysir" / "mysir", own / "mysir")
+    shutil.copytree(REPO / "examples" / "own-model", own)
     config = yaml.safe_load((own / "calibration.yaml").read_text(encoding="utf-8"))
     config["max_trials"] = trials
     (own / "calibration.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    env = {"PYTHONPATH": str(REPO / "src")}
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(own / "mysir")])}
     if not json.loads(kubectl("get", "jobs", "-o", "json"))["items"]:
         helm("install", "demo", "./helm/simcal", "-f", CLUSTER / "values.yaml",
              "--set", "driver.enabled=false", "--timeout", "15m")
@@ -297,6 +294,48 @@ def test_scheduler_pod_deleted_mid_run_the_study_completes_exactly(cluster):
     helm("uninstall", "sched", "--wait", "--timeout", "5m")
 
 
+def test_helm_upgrade_mid_run_resumes_from_storage_and_the_count_is_exact(cluster):
+    """`helm upgrade` while the driver Job runs, raising the budget (README: "upgrade (starts a
+    new driver that resumes from storage)"): the chart names the driver Job by revision, so Helm
+    deletes driver 1 (SIGTERM: it tells what finished and re-enqueues what was in flight) and
+    starts driver 2, which resumes the study. Nothing told is lost: the study ends with exactly
+    the new max_trials completed, from both drivers, every other trial an interrupted one whose
+    retry completed, and no parameters run to completion twice."""
+    first, raised = FAULT_TRIALS // 2, FAULT_TRIALS // 2 + 40
+    values = ("-f", CLUSTER / "values.yaml", "--set", "calibration.study=upgrade-live")
+    helm("install", "upg", "./helm/simcal", *values,
+         "--set", f"calibration.max_trials={first}", "--timeout", "15m")
+    old = job_named("upg")
+    wait_for(lambda: progress(old) >= 8, 1200, "the first trials")
+    assert job_done(old) is None, "driver 1 finished before the upgrade"
+    helm("upgrade", "upg", "./helm/simcal", *values,
+         "--set", f"calibration.max_trials={raised}", "--timeout", "15m")
+    new = old.removesuffix("-1") + "-2"
+    wait_for(lambda: [j["metadata"]["name"] for j in json.loads(kubectl(
+        "get", "jobs", "-l", "app.kubernetes.io/instance=upg", "-o", "json"))["items"]] == [new],
+        600, "Helm to replace driver 1's Job with driver 2's")
+    assert wait_for(lambda: job_done(new), 1800, "driver 2's Job to finish") == "Complete", \
+        kubectl("logs", f"job/{new}", "--tail", "80", check=False)
+    summary = summary_of(new)
+    assert summary["n_completed"] == raised and summary["n_failed"] == 0, summary
+    assert 0 < summary["this_run"]["completed"] < raised, summary
+    results = submitted("--release", "upg", "--results", "upgrade-live", "--format", "json",
+                        env={"PYTHONPATH": str(REPO / "src")})
+    assert wait_for(lambda: job_done(results), 600, f"job {results}") == "Complete"
+    rows = json.loads(kubectl("logs", f"job/{results}"))
+    completed = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(completed) == raised
+    assert len({r["run_id"] for r in completed}) == 2, "both drivers completed trials"
+    others = [r for r in rows if r["state"] != "COMPLETE"]
+    assert all(r["state"] == "FAIL" and r["fail_reason"] == "interrupted" for r in others), others
+    retried = {r["retry_of"] for r in completed if r["retry_of"] is not None}
+    assert {r["number"] for r in others} <= retried, "an interrupted trial was not run again"
+    params = [tuple(v for k, v in sorted(r.items()) if k.startswith("param_")) for r in completed]
+    assert len(set(params)) == raised, "a trial's parameters ran to completion twice"
+    kubectl("delete", "job", results, "--cascade=foreground")
+    helm("uninstall", "upg", "--wait", "--timeout", "5m")
+
+
 def test_prometheus_scrapes_the_live_pods_and_records_throughput(cluster, tmp_path):
     """Debian's Prometheus in the cluster's namespace finds the driver, scheduler and worker
     pods through the API server by the chart's labels and annotations, loads the chart's rules,
@@ -352,3 +391,113 @@ def test_two_driver_pods_share_one_study_on_postgresql(cluster):
         assert completed == trials
         helm("uninstall", "para", "--wait", "--timeout", "5m")
         kubectl("delete", "secret", "para-storage")
+
+
+def test_a_live_throughput_regression_fires_simcal_throughput_regression(cluster, tmp_path):
+    """The seed's story on the live cluster: a run's healthy throughput is measured, the run
+    loses 6 of its 8 workers (the DaskWorkerGroup scaled to 2), and SimcalThroughputRegression,
+    from the chart's rules with only its `for:` shortened to 1m through
+    monitoring.prometheusRule.throughputRegressionFor, goes pending, then firing.
+
+    Stand-in for 75 minutes of history: the rule's baseline (simcal:trials_per_minute:baseline3h)
+    needs the study's 5m rate to have existed 75 minutes ago. The healthy phase's live
+    simcal:trials_per_minute:rate5m, measured by this Prometheus from the driver's counters, is
+    backfilled as that series' history (`promtool tsdb create-blocks-from openmetrics`, Prometheus
+    stopped and started again on its data), 4 hours up to the moment the live scraping began.
+    Everything after that is live: the counters, the recording rules, the alert.
+
+    The model sleeps (the synthetic model's `duration`): the run's throughput is set by its
+    worker count, not by this shared machine's CPU."""
+    require(shutil.which("prometheus") is not None, "prometheus is not installed")
+    from chart import find, render
+    from monitoring import promtool
+
+    study = "regression-live"
+    rule = find(render({"monitoring": {"prometheusOperator": "always",
+                                       "prometheusRule": {"throughputRegressionFor": "1m"}}}),
+                "PrometheusRule")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}), encoding="utf-8")
+    values = tmp_path / "regression.yaml"
+    values.write_text(yaml.safe_dump({"calibration": {
+        "study": study,
+        "model": "simcal.models.synthetic:simulate",
+        "model_options": {"duration": 3.0},  # 2 replicates: 6 worker-seconds a trial
+        "parameters": {"beta": None, "gamma": None,  # null drops the chart's SEIR parameters
+                       "x1": {"low": 0.0, "high": 1.0}, "x2": {"low": 0.0, "high": 1.0}},
+        "replicates": 2,
+        "targets": [{"name": "bowl", "observed": "simcal.models.synthetic:observed"}],
+        "max_trials": 100_000,  # never reached: the release is uninstalled mid-run
+    }}), encoding="utf-8")
+    ours = "app.kubernetes.io/instance=regr"
+    rate = f'simcal:trials_per_minute:rate5m{{study="{study}"}}'
+    baseline = f'simcal:trials_per_minute:baseline3h{{study="{study}"}}'
+
+    def refresh(prometheus: LivePrometheus) -> None:
+        prometheus.update(
+            json.loads(kubectl("get", "pods", "-l", ours, "-o", "json"))["items"],
+            json.loads(kubectl("get", "services", "-l", ours, "-o", "json"))["items"],
+        )
+
+    def value(prometheus: LivePrometheus, expr: str) -> float | None:
+        refresh(prometheus)
+        result = prometheus.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    live_from = time.time()
+    prometheus = LivePrometheus(tmp_path, rules)
+    try:
+        helm("install", "regr", "./helm/simcal", "-f", CLUSTER / "values.yaml", "-f", values,
+             "--timeout", "15m")
+        wait_for(lambda: value(prometheus, f"{rate} > 0"), 1200, "the first trials")
+        # A true 5m rate: five minutes and a half of the healthy run behind it.
+        healthy_from = time.monotonic()
+        while time.monotonic() - healthy_from < 330:
+            value(prometheus, rate)
+            time.sleep(5)
+        healthy = value(prometheus, rate)
+        assert healthy and healthy > 0, healthy
+        assert not prometheus.query(baseline), "a baseline before any history was backfilled"
+        prometheus.stop()
+
+        history = tmp_path / "history.om"
+        step, end = 30, int(live_from) - 30
+        lines = ["# TYPE simcal:trials_per_minute:rate5m gauge"]
+        lines += [f'simcal:trials_per_minute:rate5m{{study="{study}"}} {healthy} {t}'
+                  for t in range(end - 4 * 3600, end + 1, step)]
+        history.write_text("\n".join(lines) + "\n# EOF\n", encoding="utf-8")
+        sh(promtool(), "tsdb", "create-blocks-from", "openmetrics", history, tmp_path / "data")
+
+        prometheus = LivePrometheus(tmp_path, rules)
+        measured = wait_for(lambda: value(prometheus, baseline), 300, "the baseline")
+        assert abs(measured - healthy) < 1e-6 * healthy, (measured, healthy)
+        now = wait_for(lambda: value(prometheus, rate), 300, "the live rate after the restart")
+        assert now >= 0.7 * measured, (now, measured)  # healthy: the expression is false
+        assert not [a for a in prometheus.api("alerts")["alerts"]
+                    if a["labels"]["alertname"] == "SimcalThroughputRegression"]
+
+        groups = json.loads(kubectl("get", "daskworkergroups", "-l", ours, "-o", "json"))["items"]
+        assert len(groups) == 1, [g["metadata"]["name"] for g in groups]
+        kubectl("patch", "daskworkergroup", groups[0]["metadata"]["name"], "--type", "merge",
+                "-p", json.dumps({"spec": {"worker": {"replicas": 2}}}))
+        wait_for(lambda: len(pods("dask.org/component=worker," + ours)) == 2, 600,
+                 "the worker group to shrink to 2")
+
+        states: list[str] = []
+
+        def regression_alert() -> dict | None:
+            refresh(prometheus)
+            for alert in prometheus.api("alerts")["alerts"]:
+                if alert["labels"]["alertname"] == "SimcalThroughputRegression" \
+                        and alert["labels"].get("study") == study:
+                    if not states or states[-1] != alert["state"]:
+                        states.append(alert["state"])
+                    return alert if alert["state"] == "firing" else None
+            return None
+
+        firing = wait_for(regression_alert, 1200, "SimcalThroughputRegression to fire")
+        assert states[0] == "pending" and states[-1] == "firing", states
+        assert float(firing["value"]) < 0.7 * measured, (firing, measured)
+    finally:
+        prometheus.stop()
+    helm("uninstall", "regr", "--wait", "--timeout", "5m")

@@ -26,6 +26,8 @@ from chart import K8S_DIR, find, load_yaml_docs, render
 from conftest import run_simcal
 from kube_schemas import kube_versions, validate_builtin
 from simcal.cli import main
+from simcal.config import load_config
+from simcal.submit import job_files
 
 CONFIG = {
     "study": "submitted",
@@ -432,6 +434,36 @@ def test_a_package_too_large_for_a_config_map_exits_2(capsys, tmp_path, monkeypa
 
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "own-model"
+
+
+def test_the_own_model_example_ships_its_package_at_its_import_root(monkeypatch):
+    """examples/own-model as is: with the project folder on sys.path (the example's header
+    comment: PYTHONPATH=examples/own-model/mysir), the package mysir/mysir/ travels as
+    ``mysir/__init__.py``, which imports as ``mysir`` in the pod (the config's folder is on its
+    sys.path), not as ``mysir/mysir/``, a namespace package there without ``simulate``."""
+    monkeypatch.delitem(sys.modules, "mysir", raising=False)
+    monkeypatch.setattr(sys, "path", [str(EXAMPLE / "mysir"), *sys.path])
+    config = EXAMPLE / "calibration.yaml"
+    files, _ = job_files(config, load_config(config))
+    assert sorted(files) == ["calibration.yaml", "incidence.csv", "mysir/__init__.py"]
+    assert files["mysir/__init__.py"] == (EXAMPLE / "mysir" / "mysir" / "__init__.py").read_bytes()
+
+
+def test_a_module_and_a_data_file_on_one_path_exit_2(capsys, tmp_path, monkeypatch):
+    """A module is carried at its path below its import root, a data file at its path below the
+    config's folder: when both land on one path, submit refuses, naming both."""
+    config = _user_project(tmp_path / "proj", monkeypatch)
+    package = tmp_path / "proj" / "code" / "data"  # a package data, imported from proj/code
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(MYSIR, encoding="utf-8")
+    (package / "incidence.csv").write_text("incidence\n9\n")
+    monkeypatch.delitem(sys.modules, "data", raising=False)
+    monkeypatch.setattr(sys, "path", [str(package.parent), *sys.path])
+    config.write_text(config.read_text().replace("mysir:simulate", "data:simulate"))
+    assert main(["submit", "--release", "r", "--config", str(config), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert "would be carried as 'data/incidence.csv'" in captured.err, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
 
 
 @pytest.mark.parametrize("values", ["values.yaml", "values-volume.yaml"])

@@ -212,10 +212,14 @@ def create_job(namespace: str, manifest: dict[str, Any]) -> str:
 
 
 def job_files(path: Path, config: CalibrationConfig) -> tuple[dict[str, bytes], list[str]]:
-    """What the calibration ConfigMap carries, by path relative to the config's folder: the
-    config (without ``storage:``), local model/loss/data modules and CSV files; and notes.
+    """What the calibration ConfigMap carries, by relative path: the config (without
+    ``storage:``), CSV files at their path relative to the config's folder, and local
+    model/loss/data modules at their path relative to their import root (``mysir/__init__.py``
+    for a package ``mysir`` imported from ``own-model/mysir/``), so that they import in the pod,
+    where the config's folder is on ``sys.path``; and notes.
 
-    Everything must sit in the config's folder tree and fit a ConfigMap (ConfigError if not).
+    Everything must sit in the config's folder tree, no two files on one path, and fit a
+    ConfigMap (ConfigError if not).
     """
     base = path.resolve().parent
     text = path.read_text(encoding="utf-8")
@@ -230,7 +234,8 @@ def job_files(path: Path, config: CalibrationConfig) -> tuple[dict[str, bytes], 
         )
     files: dict[str, Path] = {}
 
-    def carry(source: Path, field: str, what: str) -> None:
+    def carry(source: Path, field: str, what: str, root: Path = base) -> None:
+        """Carry ``source`` (a file or folder) at its path relative to ``root``."""
         if not source.resolve().is_relative_to(base):
             raise ConfigError(
                 f"invalid config:\n  {field}: {what} {str(source)!r} is outside the config's "
@@ -238,9 +243,16 @@ def job_files(path: Path, config: CalibrationConfig) -> tuple[dict[str, bytes], 
                 f"there, or put it in the image (examples/Dockerfile) or on a volume"
             )
         for file in [source] if source.is_file() else sorted(source.rglob("*")):
-            relative = file.resolve().relative_to(base)
-            if file.is_file() and not SKIPPED_PARTS & set(relative.parts):
-                files[relative.as_posix()] = file
+            relative = file.resolve().relative_to(root.resolve())
+            if not file.is_file() or SKIPPED_PARTS & set(relative.parts):
+                continue
+            key = relative.as_posix()
+            if key in files and files[key].resolve() != file.resolve():
+                raise ConfigError(
+                    f"invalid config:\n  {field}: {what} file {str(file)!r} would be carried "
+                    f"as {key!r}, which {str(files[key])!r} already is; rename one of them"
+                )
+            files[key] = file
 
     for index, target in enumerate(config.targets):
         if target.observed_file is not None:
@@ -254,7 +266,9 @@ def job_files(path: Path, config: CalibrationConfig) -> tuple[dict[str, bytes], 
     for field, reference in references:
         source = local_code(top_module(reference))
         if source is not None:
-            carry(source, field, "module")
+            # At its path below its import root (the sys.path entry it was found in), put at
+            # the top of the tree: the pod has the config's folder on sys.path.
+            carry(source, field, "module", root=source.parent)
     payload = {"calibration.yaml": text.encode("utf-8")}
     payload.update({name: file.read_bytes() for name, file in sorted(files.items())})
     size = sum(len(content) for content in payload.values())
