@@ -21,6 +21,7 @@ its serialization: :meth:`Calibration.from_yaml`, :meth:`Calibration.to_yaml`);
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import logging
 import signal
@@ -50,6 +51,7 @@ from simcal.probe import probe_cluster
 from simcal.progress import ProgressReporter
 from simcal.samplers import make_sampler
 from simcal.service import SimulationService
+from simcal.shipping import installed_imports
 from simcal.storage import open_study, redact
 from simcal.studyshape import check_shape
 
@@ -535,7 +537,10 @@ def drive(
     ``signals`` asking it to stop; returns this run's stats and the workers connected.
     ``stoppers`` (``simcal run``'s own signal handler): the loop's ``request_stop`` is
     appended to it once the loop exists."""
-    with _client(client, cluster or ClusterOptions()) as client:
+    options = cluster or ClusterOptions()
+    if client is None and not options.scheduler and not options.preload:
+        options = dataclasses.replace(options, preload=tuple(installed_imports(config.model)))
+    with _client(client, options) as client:
         if client.dashboard_link:
             log.info("Dask dashboard: %s", client.dashboard_link)
         service = SimulationService(client)

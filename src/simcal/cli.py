@@ -116,7 +116,7 @@ def _add_run_parser(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--tls-ca-file", type=Path, help="CA certificate for Dask TLS")
     run.add_argument("--tls-cert", type=Path, help="client certificate for Dask TLS")
     run.add_argument("--tls-key", type=Path, help="client key for Dask TLS")
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=cmd_run, prestart=prestart_local_workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +168,40 @@ def _check_targets(config: CalibrationConfig) -> None:
     check_targets(config)
 
 
+def _scheduler(args: argparse.Namespace) -> str | None:
+    return args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``simcal run``: the calibration (wired by :func:`simcal.api.drive`, as the API runs)."""
+    from simcal.workerstart import stop_prestarted_workers
+
+    try:
+        return _run(args, _scheduler(args))
+    finally:
+        stop_prestarted_workers()  # one the run did not adopt (it ended before its cluster)
+
+
+def prestart_local_workers(args: argparse.Namespace) -> None:
+    """``simcal run`` without a scheduler: start the local cluster's worker server first thing
+    (:func:`main` calls it before its own imports), so it imports the model's installed
+    packages while the driver imports everything else and the model to validate it."""
+    from simcal.config import DEMO_CONFIG, peek_model
+    from simcal.shipping import source_imports
+    from simcal.workerstart import prestart_workers
+
+    if _scheduler(args) is not None:
+        return
+    if args.config is None:
+        reference, folder = DEMO_CONFIG["model"], None
+    else:
+        reference, folder = peek_model(args.config), Path(args.config).resolve().parent
+    if reference:
+        prestart_workers(source_imports(reference, folder))
+
+
+def _run(args: argparse.Namespace, scheduler: str | None) -> int:
+    """:func:`cmd_run`'s body."""
     from simcal.api import drive, nothing_to_do, open_run_study, run_facts
     from simcal.cluster import ClusterOptions
     from simcal.driver import RunStats
@@ -189,7 +221,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_targets(config)
     if args.summary and not args.summary.parent.is_dir():
         raise ConfigError(f"--summary {str(args.summary)!r}: directory does not exist")
-    scheduler = args.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
     if scheduler:
         source = "--scheduler" if args.scheduler else "DASK_SCHEDULER_ADDRESS"
         from simcal.cluster import check_scheduler_address
@@ -340,6 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if getattr(args, "prestart", None) is not None:  # before the imports below: 0.5 s sooner
+        args.prestart(args)
     import optuna
     import sqlalchemy.exc
 

@@ -19,6 +19,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from simcal.config import ConfigError
+from simcal.workerstart import forkserver_workers
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,9 @@ class ClusterOptions:
     dashboard_address: str | None = "127.0.0.1:8787"
     worker_memory_limit: str | None = None
     security: object | None = None
+    # installed modules a local cluster's worker-start server imports once for all its workers
+    # (the model's own imports: simcal.shipping.installed_imports); nothing for a scheduler
+    preload: tuple[str, ...] = ()
 
     @property
     def required_workers(self) -> int:
@@ -214,6 +218,7 @@ def connect(options: ClusterOptions) -> Iterator[Client]:
             quiet_dask_logs()
             try:
                 stack.enter_context(dask.config.set(quiet_dask_config()))
+                stack.enter_context(forkserver_workers(options.preload))
                 with warnings.catch_warnings():
                     # a busy dashboard port: Dask picks a free one, logged below with the link
                     warnings.filterwarnings("ignore", "Port .* is already in use", UserWarning)
@@ -239,9 +244,10 @@ WORKER_PRELOAD = "simcal.workersignals"
 def _local_cluster(options: ClusterOptions) -> LocalCluster:
     """A LocalCluster whose worker processes never get the terminal's Ctrl-C.
 
-    They are spawned with SIGINT ignored (a disposition a new process inherits, which Python
-    and Dask then leave alone), and :data:`WORKER_PRELOAD` ignores it in any worker the nanny
-    restarts later. A Ctrl-C while the cluster starts (a few seconds) is therefore lost too.
+    They start with SIGINT ignored (a disposition a new process inherits, which Python and
+    Dask then leave alone: the worker server is started with it ignored, and so are workers
+    spawned where the user chose spawn), and :data:`WORKER_PRELOAD` ignores it in any worker
+    the nanny restarts later. A Ctrl-C while the cluster starts (a second or two) is lost too.
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None

@@ -477,6 +477,17 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
 
 
+def peek_model(path: str | Path) -> str | None:
+    """The ``model:`` reference a config file names, read without validating anything (None
+    when it names none or cannot be read: :func:`load_config` then says what is wrong)."""
+    try:
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) else None
+
+
 DEMO_CONFIG: dict[str, Any] = {
     "study": "seir-demo",
     "model": "simcal.models.seir:simulate",

@@ -1,0 +1,136 @@
+"""How a local cluster's worker processes start: forked from one server that imported the model.
+
+Dask's default, spawn, starts each worker as a new interpreter that imports distributed,
+simcal and then the model's packages: for 4 workers of a Starsim model about 7 CPU-seconds
+before the first trial (docs/starsim.md). A forkserver (Python's multiprocessing, selected
+through Dask's ``distributed.worker.multiprocessing-method``) imports them once, and every
+worker (also one the nanny restarts) is forked from it: a fresh process without the driver's
+threads, given the driver's sys.path and working directory as spawn gives them.
+``simcal run`` starts it before it reads the config (:func:`prestart_workers`), so it
+imports while the driver does; the cluster adopts it and stops it on close
+(:func:`forkserver_workers`). A start method the user set (``DASK_DISTRIBUTED__WORKER__
+MULTIPROCESSING_METHOD`` or a Dask config file) wins. A leaf: nothing of simcal, and
+distributed only when a cluster starts, so the CLI can call it first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+WORKER_START_METHOD = "forkserver"
+_START_METHOD_KEY = "distributed.worker.multiprocessing-method"
+# what every local worker imports before its first task, beside the model's packages
+WORKER_MODULES = ("distributed", "simcal.tasks", "simcal.workersignals")
+
+
+def _start_method_chosen_by_user() -> bool:
+    env = "DASK_" + _START_METHOD_KEY.upper().replace(".", "__").replace("-", "_")
+    if env in os.environ:
+        return True
+    import dask.config  # light (no distributed); a Dask config file may set the method
+
+    return dask.config.get(_START_METHOD_KEY, default="spawn") != "spawn"
+
+
+def _forkserver_pid() -> int | None:
+    """The running forkserver's pid, or None. multiprocessing keeps it private: read through
+    getattr, so a Python that renames it only loses the stop below, never the run."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    return getattr(server, "_forkserver_pid", None)
+
+
+def _stop_forkserver() -> None:
+    """Stop the forkserver (its workers are gone): a notebook's next cluster starts a fresh one
+    with the current environment and model, and no idle process outlives the cluster.
+
+    SIGTERM first: asked politely (its "alive" pipe closed) it tears down every module it
+    imported (a Starsim model's: about 0.5 s) while the driver waits; it has nothing to save.
+    """
+    pid = _forkserver_pid()
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    stop = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_stop", None)
+    if stop is not None:
+        stop()  # closes its pipe, reaps it, removes its socket file
+
+
+_prestarted: int | None = None  # the pid of the server prestart_workers started
+
+
+def _preload_list(preload: Sequence[str]) -> list[str]:
+    """What the server imports when it starts: :data:`WORKER_MODULES` and ``preload`` (what
+    it cannot import it skips: multiprocessing.forkserver.main)."""
+    return list(dict.fromkeys([*WORKER_MODULES, *preload]))
+
+
+def _set_preload(preload: Sequence[str]) -> None:
+    """Dask's forkserver context told to import :func:`_preload_list` when it starts."""
+    from distributed.utils import get_mp_context
+
+    # Dask sets its own list on its first call (once per process): call it, then replace it
+    get_mp_context().set_forkserver_preload(_preload_list(preload))
+
+
+def prestart_workers(preload: Sequence[str]) -> None:
+    """Start the local cluster's worker server now, so it imports ``preload`` while the driver
+    reads its config (which imports the model too): on two cores the two imports overlap.
+    :func:`forkserver_workers` adopts it. SIGINT is ignored while it starts, as for workers."""
+    global _prestarted
+    if _start_method_chosen_by_user() or _forkserver_pid() is not None:
+        return
+    main = threading.current_thread() is threading.main_thread()
+    # not through Dask (importing distributed here would delay the start by half a second);
+    # a list Dask sets later only applies to a server started after this one
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_preload_list(preload))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        multiprocessing.forkserver.ensure_running()  # returns at once; it imports alone
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    _prestarted = _forkserver_pid()
+    log.debug("worker server %s started, importing %s", _prestarted, ", ".join(preload))
+
+
+def stop_prestarted_workers() -> None:
+    """Stop a server :func:`prestart_workers` started that no cluster adopted (a run that ended
+    before its cluster started)."""
+    global _prestarted
+    if _prestarted is not None and _forkserver_pid() == _prestarted:
+        _stop_forkserver()
+    _prestarted = None
+
+
+@contextlib.contextmanager
+def forkserver_workers(preload: Sequence[str]) -> Iterator[None]:
+    """While open, local worker processes are forked from a server that imported
+    :data:`WORKER_MODULES` and ``preload`` once (or the one
+    :func:`prestart_workers` started); stopped on close if it is ours. A no-op where the
+    user chose the start method."""
+    global _prestarted
+    if _start_method_chosen_by_user():
+        yield
+        return
+    import dask.config
+
+    with dask.config.set({_START_METHOD_KEY: WORKER_START_METHOD}):
+        running = _forkserver_pid()
+        ours = running is None or running == _prestarted
+        if running is None:
+            _set_preload(preload)
+        try:
+            yield
+        finally:
+            if ours:
+                _stop_forkserver()
+                _prestarted = None

@@ -1,0 +1,147 @@
+"""How a local cluster's workers start: forked from one server that imported the model once.
+
+Real LocalClusters (2 workers), real multiprocessing forkserver; no mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from simcal import workerstart as cluster
+from simcal.cluster import ClusterOptions, connect
+from simcal.config import peek_model
+from simcal.shipping import installed_imports, source_imports
+from simcal.workerstart import prestart_workers, stop_prestarted_workers
+
+ROOT = Path(__file__).resolve().parents[1]
+# installed, not imported by distributed or simcal.tasks: visible only if preloaded
+MARKER = "simcal.models.seir"
+
+
+def _options(**kw: object) -> ClusterOptions:
+    return ClusterOptions(workers=2, dashboard_address="127.0.0.1:0", **kw)
+
+
+def _worker_facts(client: object) -> list[tuple[int, bool]]:
+    """(parent pid, MARKER already imported) of every worker, before any task ran."""
+    def facts() -> tuple[int, bool]:
+        return os.getppid(), MARKER in sys.modules
+
+    return list(client.run(facts).values())  # type: ignore[attr-defined]
+
+
+def _new_children(before: set[int]) -> list[str]:
+    return [
+        " ".join(p.cmdline())
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+@pytest.fixture
+def spawn_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "spawn")
+
+
+def test_workers_are_forked_from_a_server_that_imported_the_preload_once() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with connect(_options(preload=(MARKER,))) as client:
+        server = cluster._forkserver_pid()
+        assert server is not None and server != os.getpid()
+        facts = _worker_facts(client)
+        assert facts == [(server, True), (server, True)], facts
+    # the cluster's close stops the server too: nothing outlives it
+    assert cluster._forkserver_pid() is None
+    assert not _new_children(before)
+
+
+def test_a_start_method_the_user_chose_wins(spawn_chosen: None) -> None:
+    with connect(_options(preload=(MARKER,))) as client:
+        assert cluster._forkserver_pid() is None
+        facts = _worker_facts(client)
+    # spawned by the driver's nannies: children of this process, MARKER not imported
+    assert facts == [(os.getpid(), False), (os.getpid(), False)], facts
+
+
+def test_a_prestarted_server_is_adopted_by_the_cluster_and_stopped_with_it() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    prestart_workers([MARKER])
+    server = cluster._forkserver_pid()
+    assert server is not None
+    with connect(_options()) as client:  # no preload of its own: the prestarted one is used
+        assert _worker_facts(client) == [(server, True), (server, True)]
+    assert cluster._forkserver_pid() is None
+    stop_prestarted_workers()  # nothing left to stop: a no-op
+    assert not _new_children(before)
+
+
+def test_a_prestarted_server_no_cluster_adopted_is_stopped() -> None:
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    prestart_workers([MARKER])
+    assert cluster._forkserver_pid() is not None
+    stop_prestarted_workers()
+    assert cluster._forkserver_pid() is None
+    assert not _new_children(before)
+
+
+def test_prestart_is_a_no_op_where_the_user_chose_the_start_method(spawn_chosen: None) -> None:
+    prestart_workers([MARKER])
+    assert cluster._forkserver_pid() is None
+
+
+def test_source_imports_reads_a_local_model_without_importing_it(tmp_path: Path) -> None:
+    (tmp_path / "mymodel.py").write_text(
+        "import json\nimport numpy as np\nfrom simcal.models import seir\nfrom . import x\n"
+        "import mylocalhelper\ntry:\n    import scipy.special\nexcept ImportError:\n    pass\n"
+        "\ndef simulate(params, seed):\n    import pandas\n"
+    )
+    (tmp_path / "mylocalhelper.py").write_text("")
+    found = source_imports("mymodel:simulate", tmp_path)
+    # installed packages its import runs (also in a try), not those imported inside functions;
+    # not the standard library, not local code (which is shipped), not the model module itself
+    assert found == ["numpy", "simcal.models", "scipy.special"], found
+    assert "mymodel" not in sys.modules
+    # an installed model module is preloaded itself
+    assert source_imports("simcal.models.seir:simulate") == ["simcal.models.seir", "numpy"]
+    assert source_imports("nosuchmodule:f") == []
+
+
+def test_installed_imports_of_a_notebook_function() -> None:
+    import numpy as np
+
+    namespace = {"np": np, "json": __import__("json"), "__name__": "__main__"}
+    exec("def simulate(params, seed):\n    return {'y': np.zeros(3)}", namespace)
+    assert installed_imports(namespace["simulate"]) == ["numpy"]
+    assert installed_imports("simcal.models.seir:simulate")[0] == "simcal.models.seir"
+
+
+def test_peek_model_reads_the_reference_without_validating(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("model: mymodel:simulate\nparameters: not even a mapping\n")
+    assert peek_model(config) == "mymodel:simulate"
+    config.write_text("model: [1, 2\n")
+    assert peek_model(config) is None
+    assert peek_model(tmp_path / "missing.yaml") is None
+    assert peek_model(ROOT / "examples" / "starsim-sir" / "calibration.yaml") == "sir:simulate"
+
+
+def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path: Path) -> None:
+    from conftest import run_simcal
+
+    done = run_simcal(
+        "--log-level", "DEBUG", "run", "--workers", "2", "--max-trials", "3",
+        "--storage", f"sqlite:///{tmp_path / 's.db'}", "--metrics-port", "0",
+        "--dashboard-address", "127.0.0.1:0", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr
+    started = log.index("worker server")
+    # the demo's model module and numpy, named from its source before the config was read
+    assert "importing simcal.models.seir, numpy" in log[started:].splitlines()[0]
+    assert started < log.index("starting a local cluster")
