@@ -26,9 +26,13 @@ def test_startup_is_cluster_start_to_the_study_line() -> None:
 
 def test_quick_bench_runs_both_tools_and_writes_the_table(tmp_path: Path) -> None:
     require(starsim is not None, "starsim is not installed (pip install simcal[starsim])")
-    done = run_simcal("bench", "--starsim", "1", "--quick", "--out", str(tmp_path), timeout=400)
+    done = run_simcal(
+        "bench", "--starsim", "1", "--starsim-replicates", "2", "--quick", "--out", str(tmp_path),
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((tmp_path / "starsim.json").read_text())
+    (result,) = json.loads((tmp_path / "starsim.json").read_text())["comparisons"]
+    assert result["settings"]["replicates"] == 2
     tools = [run["tool"] for run in result["runs"]]
     assert tools == ["simcal", "ss.Calibration"]  # seed 1: simcal first, then alternating
     simcal_run, starsim_run = result["runs"]
@@ -38,5 +42,13 @@ def test_quick_bench_runs_both_tools_and_writes_the_table(tmp_path: Path) -> Non
         assert 0 < run["best_params"]["beta"] < 0.15 and run["wall_seconds"] > 0
     assert simcal_run["startup_seconds"] > 0
     assert set(simcal_run["covered"]) == {"beta", "gamma"}
-    assert "| ss.Calibration | 1 |" in (tmp_path / "starsim.md").read_text()
+    assert simcal_run["effective_sample_size"] >= 1  # what the interval rests on, in the table
+    table = (tmp_path / "starsim.md").read_text()
+    assert "| ss.Calibration | 1 |" in table and "(ESS " in table
     assert result["medians"]["wall_ratio_simcal_over_starsim"] > 0
+
+
+def test_replicate_counts_are_checked() -> None:
+    done = run_simcal("bench", "--starsim", "1", "--starsim-replicates", "5,0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "'5,0': a comma list of replicate counts of at least 1" in done.stderr

@@ -55,6 +55,13 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
         metavar="SEEDS",
         help="only simcal vs Starsim's ss.Calibration on Starsim's SIR example (docs/starsim.md)",
     )
+    bench.add_argument(
+        "--starsim-replicates",
+        type=_replicate_counts,
+        default=(5, 1),
+        metavar="R,R",
+        help="--starsim: replicates per trial, one comparison each (default: 5,1)",
+    )
     bench.add_argument("--postgres-url", help="the PostgreSQL URL for --storages postgresql")
     bench.add_argument(
         "--installs",
@@ -81,6 +88,18 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(handler=cmd_bench)
 
 
+def _replicate_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a comma list of replicate counts of at least 1, e.g. 5,1"
+        )
+    return counts
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``simcal bench``: run the benchmark suite and write JSON, markdown and PNG."""
     from simcal.bench.markdown import to_markdown, write_outputs
@@ -99,7 +118,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.starsim:
         from simcal.bench.starsim import run_bench
 
-        return run_bench(args.out, args.starsim, quick=args.quick)
+        return run_bench(
+            args.out, args.starsim, quick=args.quick, replicates=args.starsim_replicates
+        )
     if args.scale:
         return _scale(args)
     settings = PRESETS["quick" if args.quick else "full" if args.full else "default"]

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import numpy as np
+import starsim as ss  # at the top, as a user's model module: workers can preload it
 
 from simcal.adapters.starsim import run, smoothed_prevalence
 
@@ -28,8 +29,6 @@ START = "2025-01-01"
 
 
 def make_sim() -> Any:
-    import starsim as ss
-
     sir = ss.SIR(pars=dict(init_prev=0.01, p_death=0))
     net = ss.MixingPool(beta=1, n_contacts=2)
     sim_pars = dict(n_agents=N_AGENTS, dt=ss.days(1), start=START, dur=100, verbose=0)
@@ -37,8 +36,6 @@ def make_sim() -> Any:
 
 
 def set_params(sim: Any, beta: float, gamma: float) -> Any:
-    import starsim as ss
-
     sim.pars.diseases.pars["beta"] = ss.perday(beta)
     sim.pars.diseases.pars["dur_inf"].set(1 / gamma)
     return sim
@@ -72,8 +69,6 @@ def starsim_calibration(
     """Calibrate with ``ss.Calibration`` as Starsim's page does; best parameters and time."""
     import optuna
     import pandas as pd
-    import starsim as ss
-
     optuna.logging.set_verbosity(optuna.logging.CRITICAL)
     np.random.seed(seed)  # the MultiSim seeds of Starsim's tutorial come from np.random
     times = [pd.Timestamp(START) + pd.DateOffset(days=d) for d in OBSERVATION_DAYS]
