@@ -114,11 +114,20 @@ def test_source_imports_reads_a_local_model_without_importing_it(tmp_path: Path)
 
 def test_installed_imports_of_a_notebook_function() -> None:
     import numpy as np
+    import yaml
 
-    namespace = {"np": np, "json": __import__("json"), "__name__": "__main__"}
-    exec("def simulate(params, seed):\n    return {'y': np.zeros(3)}", namespace)
+    namespace = {"np": np, "json": __import__("json"), "yaml": yaml, "__name__": "__main__"}
+    exec(
+        "def simulate(params, seed):\n    def inner():\n        return np.zeros(3)\n"
+        "    return {'y': inner(), 'z': json.dumps(1)}",
+        namespace,
+    )
+    # what its code uses (nested code too), installed: numpy; not yaml, only in the namespace
     assert installed_imports(namespace["simulate"]) == ["numpy"]
-    assert installed_imports("simcal.models.seir:simulate")[0] == "simcal.models.seir"
+    assert installed_imports("simcal.models.seir:simulate") == ["simcal.models.seir", "numpy"]
+    from simcal.models.seir import simulate  # a function of an installed module: its module
+
+    assert installed_imports(simulate) == ["simcal.models.seir", "numpy"]
 
 
 def test_peek_model_reads_the_reference_without_validating(tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.metadata
-import inspect
 import logging
 import site
 import sys
@@ -77,32 +76,35 @@ def local_code(module: str) -> Path | None:
 
 
 def installed_imports(model: Any) -> list[str]:
-    """The installed modules a model needs: its own module when installed, and the top-level
-    packages its module refers to. A local cluster's workers import them before the first trial
-    (:func:`simcal.cluster.forkserver_workers` imports them once for all).
-
-    ``model``: a ``module:callable`` reference (already imported) or a callable, whose globals
-    are read (a function defined in a notebook too). Standard library and local code (which
-    :func:`ship` uploads) are left out.
+    """The installed modules a model needs, for a local cluster's worker server to import once
+    (:mod:`simcal.workerstart`): for a ``module:callable`` reference or a function of a module,
+    :func:`source_imports` of that module; for a function defined in a notebook or script
+    (``__main__``), the installed packages of the global names its code uses (nested
+    functions' too). Standard library and local code (which :func:`ship` uploads) are left out.
     """
-    own: list[str] = []
     if isinstance(model, str):
-        own = [model.partition(":")[0]]
-        module = sys.modules.get(own[0])
-        namespace = vars(module) if module is not None else {}
-    else:
-        namespace = getattr(model, "__globals__", None)
-        if namespace is None:
-            module = inspect.getmodule(model) or inspect.getmodule(type(model))
-            namespace = vars(module) if module is not None else {}
+        return source_imports(model)
+    module = getattr(model, "__module__", None)
+    if module and module != "__main__" and getattr(sys.modules.get(module), "__file__", None):
+        return source_imports(f"{module}:{getattr(model, '__qualname__', 'model')}")
+    function = model if hasattr(model, "__code__") else vars(type(model)).get("__call__")
+    code = getattr(function, "__code__", None)  # a function, or a callable object's __call__
+    namespace = getattr(function, "__globals__", {})
+    names: set[str] = set()
+    codes = [code] if isinstance(code, types.CodeType) else []
+    while codes:
+        current = codes.pop()
+        names.update(current.co_names)
+        codes.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
     referred = []
-    for value in list(namespace.values()):
+    for name in sorted(names & namespace.keys()):
+        value = namespace[name]
         if isinstance(value, types.ModuleType):
             referred.append(value.__name__)
         elif isinstance(getattr(value, "__module__", None), str):
             referred.append(value.__module__)
     tops = dict.fromkeys(name.split(".")[0] for name in referred if name)
-    return [m for m in dict.fromkeys(own + list(tops)) if _is_installed(m)]
+    return [m for m in tops if _is_installed(m)]
 
 
 def _is_installed(module: str, path: list[str] | None = None) -> bool:
