@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite runs for real: Prometheus/promtool,
 # PostgreSQL, podman + runc + debootstrap for the image test, chromium for the report test,
-# slurm-wlm + munge for the SLURM test (tests/support/slurm.py starts its own daemons).
+# slurm-wlm + munge for the SLURM test (tests/support/slurm.py starts its own daemons),
+# faketime for the lease-skew test (a driver whose wall clock is 120 s off).
 # Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
-packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium slurm-wlm munge etcd-server containerd iptables conntrack)
+packages=(prometheus postgresql podman runc debootstrap uidmap slirp4netns fuse-overlayfs chromium slurm-wlm munge faketime etcd-server containerd iptables conntrack)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
