@@ -60,8 +60,6 @@ def local_code(module: str) -> Path | None:
     Local: importable here, not part of an installed distribution, not under the standard
     library or a site-packages folder.
     """
-    if module in _distribution_modules():
-        return None
     try:
         imported = importlib.import_module(module)
     except Exception:  # not importable here: nothing to ship
@@ -71,6 +69,10 @@ def local_code(module: str) -> Path | None:
         return None  # built in, or a namespace package
     path = Path(file).resolve()
     if any(path.is_relative_to(root) for root in _installed_roots()):
+        return None
+    # outside site-packages: an editable install, or local code. Cheapest question first:
+    # listing every distribution's files took 2.5 s of the probe while 8 workers started
+    if _named_distribution(module) or module in _distribution_modules():
         return None
     return path.parent if path.name == "__init__.py" else path
 
@@ -120,9 +122,15 @@ def _is_installed(module: str, path: list[str] | None = None) -> bool:
     roots = _installed_roots()
     if files and all(any(f.is_relative_to(r) for r in roots) for f in files):
         return True
-    try:  # an editable install of a distribution named as its package (simcal in development)
+    return _named_distribution(top)  # an editable install (simcal in development)
+
+
+def _named_distribution(top: str) -> bool:
+    """An installed distribution is named as the top-level module (found without listing
+    every distribution's files, as :func:`_distribution_modules` does)."""
+    try:
         importlib.metadata.distribution(top)
-    except importlib.metadata.PackageNotFoundError:
+    except (importlib.metadata.PackageNotFoundError, ValueError):
         return False
     return True
 
