@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
-import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from simcal.config import ConfigError
+from simcal.workersignals import interrupt_ignored_while_starting
 from simcal.workerstart import forkserver_workers
 
 log = logging.getLogger(__name__)
@@ -249,13 +248,8 @@ def _local_cluster(options: ClusterOptions) -> LocalCluster:
     spawned where the user chose spawn), and :data:`WORKER_PRELOAD` ignores it in any worker
     the nanny restarts later. A Ctrl-C while the cluster starts (a second or two) is lost too.
     """
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
+    with interrupt_ignored_while_starting():
         return _start_local_cluster(options)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _start_local_cluster(options: ClusterOptions) -> LocalCluster:

@@ -6,7 +6,7 @@ distribution, is uploaded with Dask's ``UploadFile`` worker plugin: a single mod
 plugins also run on workers that join later.
 Installed distributions are never shipped: they belong in the image. The installed modules a
 model imports are named (:func:`source_imports` before it is imported, :func:`installed_imports`
-after) so a local cluster's worker server imports them once (:mod:`simcal.cluster`).
+after) so a local cluster's worker server imports them once (:mod:`simcal.workerstart`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,13 @@ def _installed_roots() -> list[Path]:
     return [Path(root).resolve() for root in roots if root]
 
 
+def _under_installed_roots(paths: list[Path]) -> bool:
+    """Every one of ``paths`` (resolved) lies under the standard library or a site-packages
+    folder; False for none."""
+    roots = _installed_roots()
+    return bool(paths) and all(any(p.is_relative_to(root) for root in roots) for p in paths)
+
+
 def local_code(module: str) -> Path | None:
     """The ``.py`` file or package folder of ``module`` when it is local code, else None.
 
@@ -68,7 +75,7 @@ def local_code(module: str) -> Path | None:
     if not file:
         return None  # built in, or a namespace package
     path = Path(file).resolve()
-    if any(path.is_relative_to(root) for root in _installed_roots()):
+    if _under_installed_roots([path]):
         return None
     # outside site-packages: an editable install, or local code. Cheapest question first:
     # listing every distribution's files took 2.5 s of the probe while 8 workers started
@@ -119,10 +126,7 @@ def _is_installed(module: str, path: list[str] | None = None) -> bool:
     origin = spec.origin if spec is not None else None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     files = [Path(f).resolve() for f in ([origin] if origin else []) + locations]
-    roots = _installed_roots()
-    if files and all(any(f.is_relative_to(r) for r in roots) for f in files):
-        return True
-    return _named_distribution(top)  # an editable install (simcal in development)
+    return _under_installed_roots(files) or _named_distribution(top)  # or an editable one
 
 
 def _named_distribution(top: str) -> bool:
@@ -162,7 +166,7 @@ def source_imports(reference: str, folder: Path | None = None) -> list[str]:
     """Before the model is imported: its module when installed, and the installed modules its
     source imports when it is imported (module-level statements, read with :mod:`ast`; not
     imports inside functions); ``folder``: where a config's local modules live.
-    What :func:`simcal.cluster.prestart_workers` imports while the driver reads the config."""
+    What :func:`simcal.workerstart.prestart_workers` imports while the driver reads the config."""
     name = reference.partition(":")[0]
     path = ([str(folder)] if folder is not None else []) + sys.path
     try:

@@ -10,8 +10,10 @@ nanny restarts): the worker ignores SIGINT, and the driver alone decides what a 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -19,6 +21,20 @@ def ignore_terminal_interrupt() -> None:
     """Ignore SIGINT in this process (only possible from its main thread: elsewhere, no-op)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupt_ignored_while_starting() -> Iterator[None]:
+    """SIGINT ignored in this process while the block starts processes, which inherit the
+    disposition (Python and Dask leave an inherited SIG_IGN alone); restored after. Off the
+    main thread nothing changes (only it may set handlers)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def dask_setup(worker: Any) -> None:

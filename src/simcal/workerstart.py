@@ -9,8 +9,9 @@ threads, given the driver's sys.path and working directory as spawn gives them.
 ``simcal run`` starts it before it reads the config (:func:`prestart_workers`), so it
 imports while the driver does; the cluster adopts it and stops it on close
 (:func:`forkserver_workers`). A start method the user set (``DASK_DISTRIBUTED__WORKER__
-MULTIPROCESSING_METHOD`` or a Dask config file) wins. A leaf: nothing of simcal, and
-distributed only when a cluster starts, so the CLI can call it first.
+MULTIPROCESSING_METHOD`` or a Dask config file) wins. Nearly a leaf (of simcal only the
+stdlib-only :mod:`simcal.workersignals`; distributed only when a cluster starts), so the CLI
+can call it first.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
-import threading
 from collections.abc import Iterator, Sequence
+
+from simcal.workersignals import interrupt_ignored_while_starting
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,11 @@ def prestart_workers(preload: Sequence[str]) -> None:
     global _prestarted
     if _start_method_chosen_by_user() or _forkserver_pid() is not None:
         return
-    main = threading.current_thread() is threading.main_thread()
     # not through Dask (importing distributed here would delay the start by half a second);
     # a list Dask sets later only applies to a server started after this one
     multiprocessing.get_context("forkserver").set_forkserver_preload(_preload_list(preload))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
+    with interrupt_ignored_while_starting():
         multiprocessing.forkserver.ensure_running()  # returns at once; it imports alone
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
     _prestarted = _forkserver_pid()
     log.debug("worker server %s started, importing %s", _prestarted, ", ".join(preload))
 

@@ -90,14 +90,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
 def _replicate_counts(text: str) -> tuple[int, ...]:
     try:
-        counts = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
+        return tuple(positive_int(part) for part in text.split(","))
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: a comma list of replicate counts of at least 1, e.g. 5,1"
-        )
-    return counts
+        ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
