@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_simcal, write_config
+from conftest import REPO, SIMCAL, run_simcal, write_config
+from processes import free_port
 from simcal import __version__
 from simcal.cli import main
 
@@ -291,3 +294,24 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     assert f'in "{path}", line 1, column 8' in result.stderr, result.stderr
     assert "<unicode string>" not in result.stderr
     assert "    study: [unclosed\n           ^" in result.stderr  # the snippet stays
+
+
+def test_the_summary_is_the_last_thing_a_lingering_run_writes(tmp_path: Path) -> None:
+    """A pod's log is stdout and stderr interleaved line by line (`kubectl logs`): a log line
+    written while the summary is printed lands inside its JSON (a live `helm upgrade` test once
+    failed to parse it). With ``--metrics-linger``, the run's last log line comes before the
+    summary, and the combined output ends with the summary, whole."""
+    config = write_config(tmp_path, max_trials=6)
+    result = subprocess.run(
+        [*SIMCAL, "run", "--config", str(config), "--workers", "2", "--dashboard-address", ":0",
+         "--metrics-host", "127.0.0.1", "--metrics-port", str(free_port()),
+         "--metrics-linger", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout
+    lines = result.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")
+    assert lines[-1] == "}", lines[-5:]
+    assert "keeping /metrics and /report up for 1s" in "\n".join(lines[:start])
+    assert json.loads("\n".join(lines[start:]))["n_trials"] == 6

@@ -263,10 +263,11 @@ def _run(args: argparse.Namespace, scheduler: str | None) -> int:
         stats, workers = drive(
             config, study, metrics, cluster=options, signals=(), stoppers=stoppers
         )
+        linger = args.metrics_linger if args.metrics_port else 0.0
+        if linger:  # logged before the summary, which is the last thing the run writes
+            log.info("keeping /metrics and /report up for %.0fs", linger)
         _write_summary(args, summarize(study, stats, run_facts(config, workers)))
-        if args.metrics_linger and args.metrics_port:
-            log.info("keeping /metrics and /report up for %.0fs", args.metrics_linger)
-            time.sleep(args.metrics_linger)
+        time.sleep(linger)
     finally:
         if http is not None:
             http.close()
@@ -289,8 +290,12 @@ def _run(args: argparse.Namespace, scheduler: str | None) -> int:
 
 
 def _write_summary(args: argparse.Namespace, summary: dict[str, Any]) -> None:
+    """The run's summary on stdout, in one write, and in ``--summary``. Nothing may log while it
+    is written: a container runtime copies stdout and stderr line by line, so a log line written
+    at the same moment lands inside the JSON of ``kubectl logs``."""
     text = json.dumps(summary, indent=2, default=str)
-    print(text)
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
     if args.summary:
         args.summary.write_text(text + "\n", encoding="utf-8")
 
