@@ -16,11 +16,13 @@ from pathlib import Path
 
 import optuna
 import pytest
+from distributed.client import FutureCancelledError
 from optuna.trial import TrialState
 
 from conftest import write_config
 from simcal.config import load_config
-from simcal.driver import Calibration
+from simcal.driver import Calibration, SchedulerLostError
+from simcal.failures import CONNECTION_LOST
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter
 from simcal.samplers import make_sampler
@@ -36,6 +38,7 @@ HANG = object()  # an outcome: the trial never finishes
 class StandInFuture:
     key: str
     trial: int
+    status: str = "finished"  # what the driver asks a cancelled aggregation's replicates
 
 
 class FakeClock:
@@ -104,7 +107,7 @@ class StandInService:
             batch.append((future, result))
         return batch
 
-    def gather(self, futures: list, timeout: float | None) -> list[object]:
+    def gather(self, futures: list, timeout: float | None = None) -> list[object]:
         outcomes = []
         for future in futures:
             self.clock.now += 0.5
@@ -238,6 +241,30 @@ def test_a_failing_trial_is_told_failed_with_its_reason(tmp_path: Path) -> None:
     assert stats.errors == {"simulation_error": 1}
     failed = run.study.trials[2]
     assert failed.state == TrialState.FAIL and "boom" in failed.user_attrs["error"]
+
+
+def test_a_trial_cancelled_with_a_lost_scheduler_is_interrupted_not_failed(
+    tmp_path: Path,
+) -> None:
+    """Dask cancels the futures of a lost scheduler; by the time the driver reads them the
+    client may be connected to its replacement (status "running"). The trial did not fail:
+    the driver stops as for any scheduler loss and re-enqueues it."""
+    lost = FutureCancelledError("agg-2-y", CONNECTION_LOST, "Client lost the connection")
+    run, _, _ = calibration(tmp_path, lambda n, polls: lost if n == 2 else 1.0, max_trials=6)
+    with pytest.raises(SchedulerLostError):
+        run.run()
+    reasons = by_reason(run.study)
+    assert "cancelled" not in reasons and 2 in reasons[INTERRUPTED], reasons
+    retries = {t.user_attrs[RETRY_OF] for t in run.study.trials if t.state == TrialState.WAITING}
+    assert retries == set(reasons[INTERRUPTED])
+
+
+def test_a_trial_cancelled_otherwise_fails_as_cancelled(tmp_path: Path) -> None:
+    cancelled = FutureCancelledError("agg-2-y", "unknown")
+    run, _, _ = calibration(tmp_path, lambda n, polls: cancelled if n == 2 else 1.0,
+                            max_trials=6)
+    stats = run.run()
+    assert stats.errors == {"cancelled": 1} and by_reason(run.study)["cancelled"] == [2]
 
 
 def test_orphans_of_a_killed_driver_are_retried(tmp_path: Path) -> None:

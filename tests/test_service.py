@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 from distributed import Client, wait
 
+from processes import start_scheduler, stopping, wait_until
 from simcal.config import TargetSpec
-from simcal.failures import NonFiniteLossError
+from simcal.failures import NonFiniteLossError, lost_with_the_scheduler
 from simcal.models import synthetic
 from simcal.service import SimulationService, replicate_seed
 from simcal.tasks import TargetLoss
@@ -202,3 +204,24 @@ def test_stream_yields_every_result_once_in_batches(
         seen.extend(future.key for future, result in batch if result == 0.2)
     assert sorted(seen) == sorted(f.key for f in futures)
     assert counter.calls == batches < len(futures)
+
+
+def test_a_replaced_scheduler_cancels_futures_with_a_reason_the_driver_reads(tmp_path) -> None:
+    """Kubernetes replaces a deleted scheduler pod at the same address and the client
+    reconnects to the new one. The futures it held are cancelled: their outcome must say the
+    scheduler was lost, though the client is connected again by the time the driver reads it
+    (the driver then re-enqueues the trial; a live run once counted 4 such trials failed)."""
+    scheduler, address = start_scheduler(tmp_path)
+    with stopping(scheduler) as procs, Client(address, timeout=60) as client:
+        held = client.submit(snooze, 60, pure=False)  # no workers: it waits on the scheduler
+        mine = client.submit(snooze, 60, pure=False)
+        mine.cancel()
+        scheduler.signal(signal.SIGKILL)
+        scheduler.wait(30)
+        port = int(address.rsplit(":", 1)[1])
+        procs.append(start_scheduler(tmp_path, port=port)[0])
+        wait_until(lambda: client.status == "running" and held.status == "cancelled", 90,
+                   "the client to reconnect")
+        lost, cancelled = SimulationService(client).gather([held, mine])
+    assert isinstance(lost, CancelledError) and lost_with_the_scheduler(lost), repr(lost)
+    assert isinstance(cancelled, CancelledError) and not lost_with_the_scheduler(cancelled)

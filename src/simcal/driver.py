@@ -25,7 +25,13 @@ from optuna.trial import TrialState
 
 from simcal.config import CalibrationConfig
 from simcal.failfast import FailureStreak
-from simcal.failures import FailureReason, classify, describe, full_text
+from simcal.failures import (
+    FailureReason,
+    classify,
+    describe,
+    full_text,
+    lost_with_the_scheduler,
+)
 from simcal.metrics import Metrics
 from simcal.progress import ProgressReporter, Snapshot
 from simcal.pruning import PARTIAL_STAGE, make_pruner
@@ -439,7 +445,7 @@ class Calibration:
             return  # a trial already told (failed early, timed out or interrupted)
         if isinstance(outcome, BaseException):
             if classify(outcome) is FailureReason.CANCELLED:
-                if not self._connected():
+                if lost_with_the_scheduler(outcome) or not self._connected():
                     raise SchedulerLostError("lost the connection to the Dask scheduler")
                 outcome = self._replicate_error(run) or outcome
             self._fail(run, outcome)

@@ -43,6 +43,21 @@ class ModelImportError(ImportError):
 GRAPH_DESERIALIZATION = "Error during deserialization of the task graph"
 
 
+# The reason Dask's client gives the futures it cancels when its connection to the scheduler
+# breaks (``distributed.client.FutureCancelledError.reason``): they did not fail, the scheduler
+# went away (tests/test_service.py checks that Dask still says so).
+CONNECTION_LOST = "scheduler-connection-lost"
+
+
+def lost_with_the_scheduler(error: BaseException) -> bool:
+    """Whether ``error`` is a cancellation because the client lost the scheduler, whatever the
+    connection's state by the time the driver looks (a new scheduler may have taken over)."""
+    return (
+        isinstance(error, FuturesCancelledError)
+        and getattr(error, "reason", None) == CONNECTION_LOST
+    )
+
+
 class ResultLostError(RuntimeError):
     """A task's result was lost with the worker holding it."""
 

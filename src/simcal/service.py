@@ -8,6 +8,7 @@ successful result in one batched transfer, returning failures as values.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 import zlib
@@ -33,9 +34,11 @@ __all__ = [
     "replicate_seed",
 ]
 
+log = logging.getLogger(__name__)
 
 SEED_MODULUS = 2**31 - 1
 """Seeds handed to a model lie in [0, SEED_MODULUS): any seeding API accepts them (a prime)."""
+CANCELLATION_TIMEOUT = 5.0  # s: reading a cancelled future's error is one loop round trip
 
 
 def replicate_seed(seed: int, trial_id: str, index: int) -> int:
@@ -160,7 +163,7 @@ class SimulationService:
         if status == "error":
             return future.exception()
         if status == "cancelled":
-            return CancelledError(f"task {future.key} was cancelled")
+            return _cancellation(future)
         if status == "pending":
             return TimeoutError(f"task {future.key} did not finish in time")
         return ResultLostError(f"the result of task {future.key} was lost (status {status})")
@@ -198,6 +201,17 @@ class SimulationService:
         if stuck:
             self.client.restart_workers(stuck, raise_for_error=False)
         return stuck
+
+
+def _cancellation(future: Future) -> BaseException:
+    """A cancelled future's own error: Dask's names why it was cancelled (its ``reason``)."""
+    try:
+        future.result(timeout=CANCELLATION_TIMEOUT)
+    except CancelledError as exc:
+        return exc
+    except Exception as exc:  # the client closed meanwhile: the status still says cancelled
+        log.debug("reading task %s's cancellation: %s", future.key, exc)
+    return CancelledError(f"task {future.key} was cancelled")
 
 
 class ResultStream:

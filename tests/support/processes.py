@@ -138,10 +138,11 @@ def _listening(port: int) -> bool:
 
 
 def start_scheduler(
-    log_dir: Path, env: Mapping[str, str] | None = None, timeout: float = 90
+    log_dir: Path, env: Mapping[str, str] | None = None, timeout: float = 90, port: int = 0
 ) -> tuple[Proc, str]:
-    """A ``dask scheduler`` on a free port (no dashboard); returns it and its address."""
-    port = free_port()
+    """A ``dask scheduler`` on ``port`` (a free one if 0; no dashboard); returns it and its
+    address."""
+    port = port or free_port()
     proc = start(
         f"scheduler-{port}",
         [DASK, "scheduler", "--host", HOST, "--port", str(port), "--no-dashboard"],
