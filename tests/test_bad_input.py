@@ -15,6 +15,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from hypothesis import strategies as st
 from optuna.trial import TrialState
 
 import bad_models
-from conftest import SIMCAL, run_simcal
+from conftest import SIMCAL, run_simcal, write_config
 from simcal.cli import main
 from simcal.config import CalibrationConfig, ConfigError, load_config, validate_config
 from simcal.driver import Calibration
@@ -393,6 +394,31 @@ def test_observed_data_that_cannot_be_loaded_exits_2_naming_the_target(workdir: 
         status, _, err = _main([*argv, str(_write(workdir, document))])
         assert status == 2, err
         assert "targets.0.observed: ObservedDataError:" in err and "line 2" in err, err
+
+
+def test_checking_a_config_does_not_run_the_models_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``model:`` is checked against the module's source when it defines the name with a
+    ``def``: the driver does not run the module (a Starsim model's imports cost it 1.2 s, on a
+    core the workers want). A name the source does not define is still refused; one made at
+    import time is still found, by importing."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "heavy_model.py").write_text(
+        "import sys\nsys.modules['heavy_model_ran'] = sys\n\n"
+        "def simulate(params, seed):\n    return {'y': [1.0]}\n\n"
+        "globals()['made_at_import'] = simulate\n",
+        "utf-8",
+    )
+    try:
+        load_config(write_config(tmp_path, model="heavy_model:simulate"))
+        assert "heavy_model" not in sys.modules and "heavy_model_ran" not in sys.modules
+        with pytest.raises(ConfigError, match="module 'heavy_model' has no attribute 'simulat'"):
+            load_config(write_config(tmp_path, model="heavy_model:simulat"))
+        load_config(write_config(tmp_path, model="heavy_model:made_at_import"))
+    finally:
+        sys.modules.pop("heavy_model", None)
+        sys.modules.pop("heavy_model_ran", None)
 
 
 # -- models that return what simcal cannot use ---------------------------------------------------

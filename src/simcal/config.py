@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from simcal.imports import UnresolvableReferenceError, resolve_callable
+from simcal.imports import UnresolvableReferenceError, check_callable, resolve_callable
 
 BUILTIN_LOSSES = (
     "mse",
@@ -47,7 +47,7 @@ class _Strict(BaseModel):
 
 def _check_callable(reference: str) -> str:
     try:
-        resolve_callable(reference)
+        check_callable(reference)
     except UnresolvableReferenceError as exc:
         raise ValueError(str(exc)) from None
     return reference

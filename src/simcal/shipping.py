@@ -16,6 +16,7 @@ import functools
 import importlib
 import importlib.machinery
 import importlib.metadata
+import importlib.util
 import logging
 import site
 import sys
@@ -64,16 +65,17 @@ def _under_installed_roots(paths: list[Path]) -> bool:
 def local_code(module: str) -> Path | None:
     """The ``.py`` file or package folder of ``module`` when it is local code, else None.
 
-    Local: importable here, not part of an installed distribution, not under the standard
-    library or a site-packages folder.
+    Local: found here, not part of an installed distribution, not under the standard library
+    or a site-packages folder. Found, not imported: the driver need not run a model's module
+    (the workers import it, and the probe names any that cannot).
     """
     try:
-        imported = importlib.import_module(module)
-    except Exception:  # not importable here: nothing to ship
+        spec = importlib.util.find_spec(module)
+    except Exception:  # a parent package that does not import, a relative name
         return None
-    file = getattr(imported, "__file__", None)
+    file = spec.origin if spec is not None and spec.has_location else None
     if not file:
-        return None  # built in, or a namespace package
+        return None  # not found, built in, or a namespace package
     path = Path(file).resolve()
     if _under_installed_roots([path]):
         return None
