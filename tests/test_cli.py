@@ -90,6 +90,9 @@ def test_run_prints_and_writes_summary_then_results_lists_trials(tmp_path: Path)
         str(summary_file),
     )
     assert result.returncode == 0, result.stderr
+    # the exit skips the interpreter's teardown, not closing the storage: SQLite's write-ahead
+    # log is in the database, which is whole on its own (to copy, to `kubectl cp`)
+    assert sorted(p.name for p in tmp_path.glob("simcal.db*")) == ["simcal.db"]
     summary = json.loads(summary_file.read_text())
     assert json.loads(result.stdout) == summary
     for key in (

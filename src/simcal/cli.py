@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import os
@@ -11,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from simcal import __version__
 from simcal.argtypes import Parser, add_study_arguments, resolve_study_config
@@ -409,5 +411,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def entry() -> NoReturn:
+    """The console script and ``python -m simcal.cli``: :func:`main`, then an exit without the
+    interpreter's teardown. With Dask, Optuna, SQLAlchemy and pandas loaded, freeing every
+    module took 0.43 s after the work was done (traced: no I/O); the threads' join, the atexit
+    handlers (logging's flush among them) and closing the storages still come first."""
+    status = [EXIT_FAILURE]  # an exception escaping main: its traceback, then 1
+
+    def finish() -> None:  # registered first, so the last atexit handler to run
+        storage = sys.modules.get("simcal.storage")
+        if storage is not None:
+            storage.close_storages()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed pipe: nothing left to say
+                stream.flush()
+        os._exit(status[0])
+
+    atexit.register(finish)
+    try:
+        status[0] = main()
+    except SystemExit as exc:  # argparse's 2, --help's 0
+        code = exc.code
+        status[0] = code if isinstance(code, int) else (EXIT_OK if code is None else 1)
+        raise
+    except KeyboardInterrupt:
+        status[0] = EXIT_INTERRUPTED
+        raise
+    sys.exit(status[0])
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

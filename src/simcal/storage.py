@@ -7,9 +7,11 @@ recovery of a dead driver's trials) is :mod:`simcal.trials`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+import weakref
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -19,6 +21,8 @@ import sqlalchemy.exc
 from sqlalchemy.engine import make_url
 
 log = logging.getLogger(__name__)
+
+_ENGINES: weakref.WeakSet[sqlalchemy.engine.Engine] = weakref.WeakSet()  # close_storages
 
 _SECRET_QUERY_KEYS = ("password", "passwd", "pwd")
 # libpq waits forever for a server that accepts the connection but never answers.
@@ -127,9 +131,11 @@ def open_existing(url: str) -> optuna.storages.RDBStorage:
             f"storage {redact(url)}: the SQLite file {database} does not exist"
         )
     try:
-        return optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
+        storage = optuna.storages.RDBStorage(connect_url(url), skip_table_creation=True)
     except Exception as exc:
         raise StorageError(f"cannot read {redact(url)}: {type(exc).__name__}") from None
+    _ENGINES.add(storage.engine)
+    return storage
 
 
 def open_study(url: str, study_name: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
@@ -200,6 +206,7 @@ def _create_study(
             storage = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine_kwargs, skip_table_creation=False
             )
+            _ENGINES.add(storage.engine)
             _tune_sqlite(storage.engine)
             return optuna.create_study(
                 study_name=study_name,
@@ -219,6 +226,16 @@ def _create_study(
             log.info("another driver is creating the storage; retrying (%s)", type(exc).__name__)
             time.sleep(0.2 * attempt)
     raise AssertionError("unreachable")
+
+
+def close_storages() -> None:
+    """Close the connections of every database storage this process opened: SQLite then
+    checkpoints its write-ahead log into the database file (``simcal.db`` alone is whole, to
+    copy or ``kubectl cp``), PostgreSQL sees them closed, not dropped. For an exit that skips
+    the interpreter's teardown (:func:`simcal.cli.entry`), which used to close them."""
+    for engine in list(_ENGINES):
+        with contextlib.suppress(Exception):  # exiting: a storage gone already is no error
+            engine.dispose()
 
 
 def _sqlite_pragmas(connection: object, _record: object) -> None:
