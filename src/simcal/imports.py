@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
+import importlib.machinery
 import sys
 from pathlib import Path
 from typing import Any
@@ -59,17 +59,27 @@ def check_callable(reference: str) -> None:
 
 def _defined_names(module_name: str) -> set[str]:
     """Names a module's source defines with a module-level ``def`` or ``class``; empty when
-    it is not found as a ``.py`` file or does not parse (only parent packages are imported)."""
+    it is not found on ``sys.path`` as a ``.py`` file or does not parse."""
     try:
-        spec = importlib.util.find_spec(module_name)
-    except Exception:  # a parent package that does not import, a relative name
+        file = source_file(module_name, sys.path)
+        tree = ast.parse(file.read_bytes()) if file is not None else None
+    except (OSError, SyntaxError, ValueError, ImportError):
         return set()
-    origin = spec.origin if spec is not None and spec.has_location else None
-    if not origin or not origin.endswith(".py"):
-        return set()
-    try:
-        tree = ast.parse(Path(origin).read_bytes())
-    except (OSError, SyntaxError, ValueError):
+    if tree is None:
         return set()
     kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
     return {node.name for node in tree.body if isinstance(node, kinds)}
+
+
+def source_file(module: str, path: list[str]) -> Path | None:
+    """The source file of ``module`` (dotted) on ``path``, found without importing anything
+    (not even its parent packages, whose ``__init__`` may import what a model needs)."""
+    locations: list[str] | None = path
+    spec = None
+    for part in module.split("."):
+        spec = importlib.machinery.PathFinder.find_spec(part, locations)
+        if spec is None:
+            return None
+        locations = list(spec.submodule_search_locations or [])
+    origin = spec.origin if spec is not None else None
+    return Path(origin) if origin and origin.endswith(".py") else None

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simcal.imports import source_file
+
 if TYPE_CHECKING:  # distributed is imported where shipping happens: `simcal run` names the
     from distributed import Client  # model's imports (source_imports) before importing it
 
@@ -141,19 +143,6 @@ def _named_distribution(top: str) -> bool:
     return True
 
 
-def _source_file(module: str, path: list[str]) -> Path | None:
-    """The source file of ``module`` (dotted), found without importing anything."""
-    locations: list[str] | None = path
-    spec = None
-    for part in module.split("."):
-        spec = importlib.machinery.PathFinder.find_spec(part, locations)
-        if spec is None:
-            return None
-        locations = list(spec.submodule_search_locations or [])
-    origin = spec.origin if spec is not None else None
-    return Path(origin) if origin and origin.endswith(".py") else None
-
-
 def _module_level(tree: ast.Module) -> Iterator[ast.AST]:
     """Every node that runs when the module is imported: not function or class bodies."""
     pending: list[ast.AST] = list(tree.body)
@@ -172,7 +161,7 @@ def source_imports(reference: str, folder: Path | None = None) -> list[str]:
     name = reference.partition(":")[0]
     path = ([str(folder)] if folder is not None else []) + sys.path
     try:
-        file = _source_file(name, path)
+        file = source_file(name, path)
         tree = ast.parse(file.read_bytes()) if file is not None else None
     except (OSError, SyntaxError, ValueError, ImportError):
         tree = None
