@@ -154,3 +154,38 @@ def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path:
     # the demo's model module and numpy, named from its source before the config was read
     assert "importing simcal.models.seir, numpy" in log[started:].splitlines()[0]
     assert started < log.index("starting a local cluster")
+
+
+SHUTDOWN_NOISE = """
+import logging
+from simcal.cluster import ClusterOptions, connect
+
+def log_in_worker() -> None:
+    log = logging.getLogger("distributed.worker")
+    try:
+        raise OSError("Stream is closed")
+    except OSError:  # what a heartbeat in flight logs when the driver closes the scheduler
+        log.exception("Failed to communicate with scheduler during heartbeat.")
+        log.exception("a worker error that is not shutdown noise")
+
+if __name__ == "__main__":
+    with connect(ClusterOptions(workers=1, dashboard_address="127.0.0.1:0")) as client:
+        client.run(log_in_worker)
+"""
+
+
+def test_a_local_workers_heartbeat_cut_by_the_clusters_close_logs_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """dask/distributed#7105: closing a LocalCluster can catch a heartbeat in flight; the
+    worker then logs a traceback on the user's terminal. Other worker errors still show."""
+    import subprocess
+
+    script = tmp_path / "noise.py"
+    script.write_text(SHUTDOWN_NOISE, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "a worker error that is not shutdown noise" in result.stderr
+    assert "during heartbeat" not in result.stderr, result.stderr

@@ -51,9 +51,14 @@ class ClusterOptions:
 
 # Dask's own log records that repeat what simcal tells once per failed trial (its reason and
 # the first line of its error; the text in `simcal results`), or that a deliberate stop of a
-# local cluster causes: logger name -> message prefixes.
+# local cluster causes: logger name -> message prefixes. A local cluster's scheduler lives in
+# the driver, on loopback: a worker's heartbeat fails only when the driver closes it, and a
+# heartbeat in flight then logs a traceback (dask/distributed#7105).
 _NOISE = {
-    "distributed.worker": ("Compute Failed",),
+    "distributed.worker": (
+        "Compute Failed",
+        "Failed to communicate with scheduler during heartbeat",
+    ),
     "distributed.worker.state_machine": ("Async instruction for",),
     "distributed.nanny": ("Worker process still alive after",),
 }
