@@ -328,3 +328,60 @@ def test_a_misnamed_parameter_stops_the_run_before_any_trial_exit_2(tmp_path: Pa
     assert "the config's parameters: beta" in result.stderr
     assert "Traceback" not in result.stderr
     assert stored_trials(f"sqlite:///{tmp_path / 'simcal.db'}", "mysir") == []
+
+
+NAN_AT_3 = MODEL.replace(
+    'return {"incidence": ',
+    'broken = np.arange(length, dtype=float)\n'
+    '    broken[3] = np.nan\n'
+    '    return {"broken": broken, "incidence": ',
+)
+
+
+PROBE_IN_A_DRIVER = """
+import json, logging, sys
+from simcal.cluster import ClusterOptions, connect
+from simcal.config import load_config
+from simcal.probe import probe_cluster
+from simcal.service import SimulationService
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    config = load_config(sys.argv[1])
+    with connect(ClusterOptions(workers=1, dashboard_address=None)) as client:
+        probe_cluster(SimulationService(client), config)
+    print(json.dumps({"scipy": "scipy.stats" in sys.modules}))
+"""
+
+
+def test_the_probe_judges_the_output_on_a_worker_and_the_driver_computes_no_loss(
+    tmp_path: Path,
+) -> None:
+    """The probe's check of its one output against the targets (here a normal likelihood,
+    scipy.stats) runs on the worker that made it: the driver never imports scipy. A loss
+    that is not finite at the probe point is a warning in the driver's log, not a stop."""
+    import json
+    import subprocess
+    import sys
+
+    targets = [
+        {"name": name, "observed": "incidence.csv", "loss": "normal_nll", "sd": 1.0}
+        for name in ("incidence", "broken")
+    ]
+    targets[1]["observed"] = "broken.csv"
+    config = _project(tmp_path / "proj", source=NAN_AT_3, targets=targets)
+    (tmp_path / "proj" / "broken.csv").write_text(
+        (tmp_path / "proj" / "incidence.csv").read_text().replace("incidence", "broken")
+    )
+    script = tmp_path / "driver.py"
+    script.write_text(PROBE_IN_A_DRIVER, encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, str(script), str(config)], capture_output=True, text=True,
+        timeout=120, check=False, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"scipy": False}, done.stderr
+    assert (
+        "probe: target 'broken': loss is nan: simulated value is nan at broken.csv "
+        "line 5 at the probe parameters\n" in done.stderr
+    ), done.stderr

@@ -21,7 +21,7 @@ import numpy as np
 
 from simcal import likelihoods
 from simcal.config import BUILTIN_LOSSES, COUNT_LIKELIHOODS, ParameterRef, TargetSpec
-from simcal.failures import ModelOutputError
+from simcal.failures import ModelOutputError, NonFiniteLossError, describe
 from simcal.imports import resolve_callable
 from simcal.tasks import resolve_on_worker
 
@@ -495,3 +495,26 @@ def make_objective(target: TargetSpec) -> Objective:
         simulated=target.simulated or "probability",
         n_output=target.n_output,
     )
+
+
+def misfits(objectives: Mapping[str, Objective], output: Any) -> tuple[list[str], list[str]]:
+    """What is wrong with one replicate's ``output`` for these targets' objectives, judged
+    as a trial's aggregation would (time alignment, shape, key, loss): (problems, warnings).
+
+    A problem stops a calibration before its first trial (every trial would fail alike); a
+    warning (a loss that is not finite at this one point) does not. The probe runs this on
+    a worker beside its one call of the model, so the driver computes no loss.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    for name, objective in objectives.items():
+        try:
+            value = objective.evaluate([output])
+        except Exception as exc:  # a misfit, or the user's loss failing: report what it raised
+            text = str(exc) if isinstance(exc, NonFiniteLossError) else describe(exc)
+            named = text if repr(name) in text else f"target {name!r}: {text}"
+            (warnings if isinstance(exc, NonFiniteLossError) else problems).append(named)
+            continue
+        if not math.isfinite(value):
+            warnings.append(f"target {name!r}: loss is {value}")
+    return problems, warnings
