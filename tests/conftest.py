@@ -13,7 +13,7 @@ import yaml
 from distributed import Client, LocalCluster
 
 REPO = Path(__file__).resolve().parent.parent
-SIMCAL = [sys.executable, "-m", "simcal.cli"]
+SIMCAL = [sys.executable, "-m", "simcal"]  # as the console script: simcal.launch first
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 
 from simcal import workerstart as cluster
 from simcal.cluster import ClusterOptions, connect
-from simcal.config import peek_model
+from simcal.configfile import peek_model
 from simcal.shipping import installed_imports, source_imports
 from simcal.workerstart import prestart_workers, stop_prestarted_workers
 
@@ -151,9 +151,67 @@ def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path:
     assert done.returncode == 0, done.stderr[-3000:]
     log = done.stderr
     started = log.index("worker server")
-    # the demo's model module and numpy, named from its source before the config was read
-    assert "importing simcal.models.seir, numpy" in log[started:].splitlines()[0]
+    # the demo's model module and numpy, named from its source before the config was read,
+    # and before the CLI loaded (simcal.launch: the console script's first step)
+    line = log[started:].splitlines()[0]
+    assert "started before the CLI loaded, importing simcal.models.seir, numpy" in line, line
     assert started < log.index("starting a local cluster")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--config", "c.yaml"], ["--config", "c.yaml"]),
+        (["--log-level", "DEBUG", "run"], []),
+        (["--log", "DEBUG", "run", "--workers", "2"], ["--workers", "2"]),
+        (["--log-level=DEBUG", "run"], []),
+        (["run", "--help"], None),
+        (["--help"], None),
+        (["--version"], None),
+        (["results", "--config", "c.yaml"], None),
+        ([], None),
+    ],
+)
+def test_the_launcher_reads_which_command_lines_run_a_calibration(
+    argv: list[str], expected: list[str] | None
+) -> None:
+    from simcal.launch import run_arguments
+
+    assert run_arguments(argv) == expected
+
+
+def test_a_run_command_line_the_cli_refuses_leaves_no_worker_server(tmp_path: Path) -> None:
+    """The launcher starts the server before the CLI reads the command line in full: when the
+    CLI then refuses it (exit 2), the server is stopped with it, not left importing."""
+    import subprocess
+    import uuid
+
+    # a model whose installed import (Starsim: over a second) keeps a server busy
+    (tmp_path / "slowmodel.py").write_text("import starsim\n\ndef simulate(p, seed): ...\n")
+    config = tmp_path / "calibration.yaml"
+    config.write_text("model: slowmodel:simulate\n", encoding="utf-8")
+    mark = uuid.uuid4().hex
+    # output to a file, not a pipe: a server left behind would hold a pipe open, and reading
+    # it to its end would wait for that server to exit
+    with open(tmp_path / "stderr", "w+", encoding="utf-8") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "simcal", "run", "--config", str(config), "--workers", "none"],
+            stdout=subprocess.DEVNULL, stderr=stderr, timeout=60, check=False,
+            env={**os.environ, "SIMCAL_TEST_MARK": mark},
+        )
+        stderr.seek(0)
+        said = stderr.read()
+    assert done.returncode == 2, said
+    assert "argument --workers" in said
+    assert "Traceback" not in said
+
+    def marked(process: psutil.Process) -> bool:
+        try:
+            return process.environ().get("SIMCAL_TEST_MARK") == mark
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    assert [p.cmdline() for p in psutil.process_iter() if marked(p)] == []
 
 
 SHUTDOWN_NOISE = """

@@ -187,19 +187,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def prestart_local_workers(args: argparse.Namespace) -> None:
     """``simcal run`` without a scheduler: start the local cluster's worker server first thing
     (:func:`main` calls it before its own imports), so it imports the model's installed
-    packages while the driver imports everything else and the model to validate it."""
-    from simcal.config import DEMO_CONFIG, peek_model
-    from simcal.shipping import source_imports
-    from simcal.workerstart import prestart_workers
+    packages while the driver imports everything else and the model to validate it. The
+    console script started it earlier still (:mod:`simcal.launch`); then this logs it."""
+    from simcal.workerstart import prestart_for_config
 
-    if _scheduler(args) is not None:
-        return
-    if args.config is None:
-        reference, folder = DEMO_CONFIG["model"], None
-    else:
-        reference, folder = peek_model(args.config), Path(args.config).resolve().parent
-    if reference:
-        prestart_workers(source_imports(reference, folder))
+    if _scheduler(args) is None:
+        prestart_for_config(args.config)
 
 
 def _run(args: argparse.Namespace, scheduler: str | None) -> int:
@@ -419,6 +412,9 @@ def entry() -> NoReturn:
     status = [EXIT_FAILURE]  # an exception escaping main: its traceback, then 1
 
     def finish() -> None:  # registered first, so the last atexit handler to run
+        workerstart = sys.modules.get("simcal.workerstart")
+        if workerstart is not None:  # started by simcal.launch for a command line main refused
+            workerstart.stop_prestarted_workers()
         storage = sys.modules.get("simcal.storage")
         if storage is not None:
             storage.close_storages()

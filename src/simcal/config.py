@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from simcal.configfile import DEMO_MODEL, Loader
 from simcal.imports import UnresolvableReferenceError, check_callable, resolve_callable
 
 BUILTIN_LOSSES = (
@@ -431,21 +432,6 @@ def validate_config(
         raise ConfigError(describe_validation(exc)) from None
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that reports an integer too long to convert as a YAML error."""
-
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:  # more digits than sys.get_int_max_str_digits()
-            raise yaml.constructor.ConstructorError(
-                None, None, f"integer of {len(node.value)} characters is too long", node.start_mark
-            ) from None
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> CalibrationConfig:
     """Read and validate a YAML config file.
 
@@ -460,7 +446,7 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     except UnicodeDecodeError:
         raise ConfigError(f"config {str(path)!r} is not UTF-8 text") from None
     try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+        data = yaml.load(text, Loader=Loader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         for mark in (getattr(exc, "context_mark", None), getattr(exc, "problem_mark", None)):
             if mark is not None:  # the file, not "<unicode string>"; the snippet stays
@@ -477,20 +463,9 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise ConfigError(f"config {str(path)!r} is nested too deeply") from None
 
 
-def peek_model(path: str | Path) -> str | None:
-    """The ``model:`` reference a config file names, read without validating anything (None
-    when it names none or cannot be read: :func:`load_config` then says what is wrong)."""
-    try:
-        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_Loader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    return model if isinstance(model, str) else None
-
-
 DEMO_CONFIG: dict[str, Any] = {
     "study": "seir-demo",
-    "model": "simcal.models.seir:simulate",
+    "model": DEMO_MODEL,
     "parameters": {"beta": {"low": 0.1, "high": 1.0}, "gamma": {"low": 0.05, "high": 0.5}},
     "replicates": 8,
     "seed": 42,

@@ -6,12 +6,13 @@ before the first trial (docs/starsim.md). A forkserver (Python's multiprocessing
 through Dask's ``distributed.worker.multiprocessing-method``) imports them once, and every
 worker (also one the nanny restarts) is forked from it: a fresh process without the driver's
 threads, given the driver's sys.path and working directory as spawn gives them.
-``simcal run`` starts it before it reads the config (:func:`prestart_workers`), so it
-imports while the driver does; the cluster adopts it and stops it on close
-(:func:`forkserver_workers`). A start method the user set (``DASK_DISTRIBUTED__WORKER__
-MULTIPROCESSING_METHOD`` or a Dask config file) wins. Nearly a leaf (of simcal only the
-stdlib-only :mod:`simcal.workersignals`; distributed only when a cluster starts), so the CLI
-can call it first.
+``simcal run`` starts it before it reads the config (:func:`prestart_for_config`, called by
+:mod:`simcal.launch` before the CLI loads), so it imports while the driver does; the cluster
+adopts it and stops it on close (:func:`forkserver_workers`). A start method the user set
+(``DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD`` or a Dask config file) wins. Nearly a
+leaf (of simcal only :mod:`simcal.workersignals`, :mod:`simcal.configfile` and
+:mod:`simcal.shipping`, which need no more than the standard library and PyYAML; distributed
+only when a cluster starts), so the console script can call it first.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import multiprocessing.forkserver
 import os
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from simcal.workersignals import interrupt_ignored_while_starting
 
@@ -67,6 +69,7 @@ def _stop_forkserver() -> None:
 
 
 _prestarted: int | None = None  # the pid of the server prestart_workers started
+_unlogged: str | None = None  # what an early start imports, until the CLI logs it
 
 
 def _preload_list(preload: Sequence[str]) -> list[str]:
@@ -83,12 +86,23 @@ def _set_preload(preload: Sequence[str]) -> None:
     get_mp_context().set_forkserver_preload(_preload_list(preload))
 
 
-def prestart_workers(preload: Sequence[str]) -> None:
+def prestart_workers(preload: Sequence[str], *, early: bool = False) -> None:
     """Start the local cluster's worker server now, so it imports ``preload`` while the driver
     reads its config (which imports the model too): on two cores the two imports overlap.
-    :func:`forkserver_workers` adopts it. SIGINT is ignored while it starts, as for workers."""
-    global _prestarted
-    if _start_method_chosen_by_user() or _forkserver_pid() is not None:
+    :func:`forkserver_workers` adopts it. SIGINT is ignored while it starts, as for workers.
+
+    ``early``: called before logging is set up (:mod:`simcal.launch`); the next call, from the
+    CLI, finds the server running and logs its start then.
+    """
+    global _prestarted, _unlogged
+    if _start_method_chosen_by_user():
+        return
+    running = _forkserver_pid()
+    if running is not None:
+        if _unlogged is not None and running == _prestarted:
+            log.debug("worker server %s started before the CLI loaded, importing %s",
+                      running, _unlogged)
+            _unlogged = None
         return
     # not through Dask (importing distributed here would delay the start by half a second);
     # a list Dask sets later only applies to a server started after this one
@@ -96,7 +110,25 @@ def prestart_workers(preload: Sequence[str]) -> None:
     with interrupt_ignored_while_starting():
         multiprocessing.forkserver.ensure_running()  # returns at once; it imports alone
     _prestarted = _forkserver_pid()
-    log.debug("worker server %s started, importing %s", _prestarted, ", ".join(preload))
+    if early:
+        _unlogged = ", ".join(preload)
+    else:
+        log.debug("worker server %s started, importing %s", _prestarted, ", ".join(preload))
+
+
+def prestart_for_config(config: str | Path | None, *, early: bool = False) -> None:
+    """:func:`prestart_workers` for the model a config file names (the demo's without one),
+    peeked at before anything is validated; its local module's installed imports, read from
+    its source (:func:`simcal.shipping.source_imports`)."""
+    from simcal.configfile import DEMO_MODEL, peek_model
+    from simcal.shipping import source_imports
+
+    if config is None:
+        reference, folder = DEMO_MODEL, None
+    else:
+        reference, folder = peek_model(config), Path(config).resolve().parent
+    if reference:
+        prestart_workers(source_imports(reference, folder), early=early)
 
 
 def stop_prestarted_workers() -> None:

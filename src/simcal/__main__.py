@@ -1,0 +1,5 @@
+"""``python -m simcal``: the console script."""
+
+from simcal.launch import entry
+
+entry()
