@@ -28,7 +28,7 @@ import yaml
 
 from simcal.bench import starsim_sir as sir
 
-SIMCAL = [sys.executable, "-m", "simcal.cli"]
+SIMCAL = [sys.executable, "-m", "simcal"]  # as the console script runs (simcal.launch)
 
 
 def _env() -> dict[str, str]:
