@@ -156,6 +156,31 @@ def test_runs_to_the_budget_telling_every_trial(tmp_path: Path) -> None:
     assert by_reason(run.study) == {"complete": list(range(9))}
 
 
+def test_a_trial_another_driver_asked_after_our_count_makes_ours_surplus(tmp_path: Path) -> None:
+    """Two drivers read the budget at 4 of 5 and both ask: the study ends with exactly 5
+    counted trials; the later trial (by creation) is told surplus and never runs. Failed CI
+    once as 201 of 200 on two driver pods (test_live_cluster)."""
+    run, service, _ = calibration(tmp_path, lambda n, polls: 1.0, max_trials=5)
+    other = open_study(run.config.storage, run.config.study, make_sampler("random", 1))
+    count, raced = run.store.tally, []
+
+    def count_then_race(*, before: object = None) -> object:
+        counts = count(before=before)
+        if before is None and counts.committed == 4 and not raced:  # the other driver asks
+            raced.append(other.ask(run._distributions))  # now, then finishes its trial
+            other.tell(raced[0], 2.0)
+        return counts
+
+    run.store.tally = count_then_race
+    run.run()
+    trials = run.study.get_trials(deepcopy=False)
+    assert raced, "the race never happened"
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 5
+    (surplus,) = [t for t in trials if t.user_attrs.get("surplus")]
+    assert surplus.number == 5 and surplus.user_attrs[FAIL_REASON] == INTERRUPTED
+    assert surplus.number not in service.submitted and len(service.submitted) == 4
+
+
 def test_a_signal_mid_fill_asks_no_more(tmp_path: Path) -> None:
     run, service, _ = calibration(tmp_path, lambda n, polls: 1.0, max_trials=20)
     service.on_submit = lambda number: run.request_stop("signal")

@@ -2,7 +2,9 @@
 
 Driver A and B start together; A is SIGKILLed mid-run while it holds trials; C starts right
 after, while A's lease still looks alive. The accounting must be exact: each counted trial
-once, between ``max_trials`` and ``max_trials + drivers - 1`` counted, nothing left RUNNING
+once, between ``max_trials`` and ``max_trials + drivers - 1`` counted (exactly ``max_trials``
+but for a recovery in the same instant as the last asks: a claim and its re-enqueue are two
+commits; the race between live drivers alone is test_calibration's), nothing left RUNNING
 or WAITING, only the dead driver's trials interrupted (nobody takes over a live driver's
 trials), each of them re-run, and within about a minute of the kill.
 """

@@ -259,6 +259,25 @@ def test_an_unverified_optuna_takes_the_public_storage_path(
     assert tally(study).counted == 3
 
 
+@pytest.mark.parametrize("optuna_version", [None, "99.0.0"], ids=["rdb", "public"])
+def test_the_tally_before_a_trial_counts_only_those_created_before_it(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch, optuna_version: str | None
+) -> None:
+    """What the driver's budget rule reads after an ask (simcal.driver's _over_budget): on
+    both storage paths, the trials created before a given one, by the same rules."""
+    if optuna_version:
+        monkeypatch.setattr(optuna, "__version__", optuna_version)
+    store = TrialStore(study, SPACE, run_id="me", host="h")
+    with store.view():
+        done, running, interrupted, last = (store.ask(waiting=False) for _ in range(4))
+        store.tell(done, 0.5)
+        store.tell(interrupted, state=TrialState.FAIL, attrs={FAIL_REASON: INTERRUPTED})
+        assert store.tally(before=last) == Tally(counted=1, running=1, waiting=0)
+        assert store.tally(before=running) == Tally(counted=1, running=0, waiting=0)
+        assert store.tally(before=done) == Tally()
+        assert store.tally() == Tally(counted=1, running=2, waiting=0)
+
+
 def test_tell_many_is_one_group_commit_that_skips_a_claimed_trial(study: optuna.Study) -> None:
     """A batch of results is told in one transaction; a trial another driver claimed meanwhile
     is left as it is stored (False), the others are told; a NaN loss is told failed."""

@@ -315,8 +315,10 @@ class Calibration:
         return self._tally
 
     def _fill(self) -> list[TrialRun]:
-        """Ask trials while there is room; the budget is read afresh before each ask, so that
-        k drivers asking at once exceed ``max_trials`` by at most k - 1."""
+        """Ask trials while there is room; the budget is read afresh before each ask, and a
+        new trial is run only if fewer than ``max_trials`` trials created before it are or
+        will be counted (:meth:`_over_budget`), so drivers asking at once end with exactly
+        ``max_trials``."""
         runs = []
         while len(self._inflight) < self._capacity():
             if self._stop_requested.is_set():  # a signal arrived mid-fill: ask no more
@@ -328,15 +330,29 @@ class Calibration:
             # an ask that fails after creating its trial leaves it without an owner: any
             # driver recovers it once ``lease_grace`` has passed
             trial = self.store.ask(waiting=counts.waiting > 0)
-            if full and RETRY_OF not in trial.user_attrs:
-                # Only a waiting retry may run now, and another driver popped it first: this
-                # ask made a new trial over the budget. It never runs and is not counted.
+            if self._over_budget(trial, full=full):
+                # another driver asked (or popped the waiting retry) between our count and
+                # our ask: this new trial is over the budget. It never runs, is not counted.
                 self.store.tell(trial, state=TrialState.FAIL, what="tell surplus trial",
                                 attrs={FAIL_REASON: INTERRUPTED, SURPLUS: True})
                 break
             runs.append(self._submit(trial))
         self.metrics.set_inflight(len(self._inflight))
         return runs
+
+    def _over_budget(self, trial: optuna.Trial, *, full: bool) -> bool:
+        """Whether a trial just asked must not run: a retry always may (it replaces one the
+        budget already holds); a new one may not if the count before the ask was full, nor
+        if ``max_trials`` trials created before it are or will be counted. Its number (how
+        many trials were created before it) rules the last out cheaply: only a trial numbered
+        ``max_trials`` or more costs a second count."""
+        if RETRY_OF in trial.user_attrs:
+            return False
+        if full:
+            return True
+        if trial.number < self.config.max_trials:
+            return False
+        return self.store.tally(before=trial).committed >= self.config.max_trials
 
     def _finished(self) -> bool:
         """Nothing of ours in flight: done once stopping, or once no trial of the study is open

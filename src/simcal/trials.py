@@ -264,10 +264,12 @@ class _PublicTrials:
 
         return with_retries(once, what=what)
 
-    def tally(self, study: optuna.Study) -> Tally:
-        """A scan of the study's trials."""
+    def tally(self, study: optuna.Study, below: int | None = None) -> Tally:
+        """A scan of the study's trials (``below``: those whose id is lower)."""
         done = running = waiting = 0
         for trial in study.get_trials(deepcopy=False):
+            if below is not None and internals.trial_id(trial) >= below:
+                continue
             if trial.state == TrialState.RUNNING:
                 running += 1
             elif trial.state == TrialState.WAITING:
@@ -329,8 +331,10 @@ class _RdbTrials(_PublicTrials):
         _warn_taken(results, written)
         return written
 
-    def tally(self, study: optuna.Study) -> Tally:
-        by_state, interrupted = internals.count_trials(study, FAIL_REASON, INTERRUPTED)
+    def tally(self, study: optuna.Study, below: int | None = None) -> Tally:
+        by_state, interrupted = internals.count_trials(
+            study, FAIL_REASON, INTERRUPTED, below=below
+        )
         finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         done = sum(by_state.get(state, 0) for state in finished) - interrupted
         running, waiting = by_state.get(TrialState.RUNNING, 0), by_state.get(TrialState.WAITING, 0)
@@ -737,10 +741,14 @@ class TrialStore:
         with self._timed("other"):
             return with_retries(read, what="read best trials")
 
-    def tally(self) -> Tally:
-        """The budget tally of every driver's trials, read from the database."""
+    def tally(self, *, before: optuna.Trial | None = None) -> Tally:
+        """The budget tally of every driver's trials, read from the database; ``before``: of
+        the trials created before that one (a study's trials are created one at a time)."""
+        below = None if before is None else internals.trial_id(before)
         with self._timed("other"):
-            return with_retries(lambda: self._path.tally(self.study), what="count trials")
+            return with_retries(
+                lambda: self._path.tally(self.study, below), what="count trials"
+            )
 
     # -- writes --------------------------------------------------------------------------------
 

@@ -160,14 +160,16 @@ def last_reported(trial: optuna.Trial | FrozenTrial) -> float | None:
 
 
 def count_trials(
-    study: Study, reason_key: str, reason_value: Any
+    study: Study, reason_key: str, reason_value: Any, *, below: int | None = None
 ) -> tuple[dict[TrialState, int], int]:
     """The study's trials by state, and the failed ones whose user attribute ``reason_key``
-    is ``reason_value``: one grouped query with an outer join (RDB storage)."""
+    is ``reason_value``: one grouped query with an outer join (RDB storage). ``below``: only
+    the trials whose id is lower (created before it: Optuna creates a study's trials one at
+    a time, under a lock on the study's row)."""
     backend = _backend(study)
     trial, attr = models.TrialModel, models.TrialUserAttributeModel
     with _create_scoped_session(backend.scoped_session) as session:
-        rows = (
+        query = (
             session.query(
                 trial.state,
                 sqlalchemy.func.count(trial.trial_id),
@@ -182,9 +184,10 @@ def count_trials(
                 ),
             )
             .filter(trial.study_id == study._study_id)
-            .group_by(trial.state)
-            .all()
         )
+        if below is not None:
+            query = query.filter(trial.trial_id < below)
+        rows = query.group_by(trial.state).all()
     by_state = {state: count for state, count, _ in rows}
     matching = sum(marked for state, _, marked in rows if state == TrialState.FAIL)
     return by_state, matching
