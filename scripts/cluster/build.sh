@@ -42,7 +42,7 @@ done
 # another, each reusing what the last compiled) beside kubectl, helm, the CNI plugins and
 # CoreDNS. One lane after the other left a core idle for most of a cold build (user time
 # about equal to wall time, 881 s): while one go build links or downloads modules, the
-# other compiles.
+# other compiles. Two lanes, cold, module downloads included: 611 s (user 970 s), 2026-12-07.
 servers() {
 	for cmd in kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy; do
 		build kubernetes "$cmd" "k8s.io/kubernetes/cmd/$cmd" "$xflags"
