@@ -158,6 +158,32 @@ def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path:
     assert started < log.index("starting a local cluster")
 
 
+def test_a_start_method_chosen_in_a_dask_config_file_stops_the_early_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console script starts the server before it imports Dask (0.1 s sooner), so it cannot
+    see a Dask config file yet; the CLI reads it and stops that server before the cluster
+    starts, whose workers then start as the file says."""
+    from conftest import run_simcal
+
+    config = tmp_path / "dask-config"
+    config.mkdir()
+    (config / "start.yaml").write_text(
+        "distributed:\n  worker:\n    multiprocessing-method: spawn\n", encoding="utf-8"
+    )
+    monkeypatch.setenv("DASK_CONFIG", str(config))
+    done = run_simcal(
+        "--log-level", "DEBUG", "run", "--workers", "2", "--max-trials", "3",
+        "--storage", f"sqlite:///{tmp_path / 's.db'}", "--metrics-port", "0",
+        "--dashboard-address", "127.0.0.1:0", cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stderr
+    assert "stopped: not used" in log, log[-3000:]
+    assert log.index("stopped: not used") < log.index("starting a local cluster")
+    assert "trials 3/3" in log, log[-2000:]
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [

@@ -9,7 +9,8 @@ threads, given the driver's sys.path and working directory as spawn gives them.
 ``simcal run`` starts it before it reads the config (:func:`prestart_for_config`, called by
 :mod:`simcal.launch` before the CLI loads), so it imports while the driver does; the cluster
 adopts it and stops it on close (:func:`forkserver_workers`). A start method the user set
-(``DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD`` or a Dask config file) wins. Nearly a
+(``DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD`` or a Dask config file) wins; a config
+file is read once the CLI imports Dask, and a server started before that is then stopped. Nearly a
 leaf (of simcal only :mod:`simcal.workersignals`, :mod:`simcal.configfile` and
 :mod:`simcal.shipping`, which need no more than the standard library and PyYAML; distributed
 only when a cluster starts), so the console script can call it first.
@@ -23,6 +24,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,13 +38,22 @@ _START_METHOD_KEY = "distributed.worker.multiprocessing-method"
 WORKER_MODULES = ("distributed", "simcal.tasks", "simcal.workersignals")
 
 
-def _start_method_chosen_by_user() -> bool:
+def _start_method_chosen_by_user(*, early: bool = False) -> bool:
+    """Whether the user chose how local workers start: a ``DASK_*`` variable, or Dask's config
+    (a config file, ``dask.config.set``). ``early`` (the console script's first step): Dask's
+    config is read only if Dask is already imported; importing it (0.1 s, on the path to the
+    first worker) is left to the CLI's next call, which stops a server started in vain."""
     env = "DASK_" + _START_METHOD_KEY.upper().replace(".", "__").replace("-", "_")
     if env in os.environ:
         return True
-    import dask.config  # light (no distributed); a Dask config file may set the method
+    if early and "dask.config" not in sys.modules:
+        return False
+    import dask.config  # a Dask config file may set the method
 
-    return dask.config.get(_START_METHOD_KEY, default="spawn") != "spawn"
+    if dask.config.get(_START_METHOD_KEY, default="spawn") != "spawn":
+        return True
+    # spawn is Dask's default: a config file that names it chose it all the same
+    return dask.config.get(_START_METHOD_KEY, None, config=dask.config.collect()) is not None
 
 
 def _forkserver_pid() -> int | None:
@@ -95,7 +106,8 @@ def prestart_workers(preload: Sequence[str], *, early: bool = False) -> None:
     CLI, finds the server running and logs its start then.
     """
     global _prestarted, _unlogged
-    if _start_method_chosen_by_user():
+    if _start_method_chosen_by_user(early=early):
+        stop_prestarted_workers()  # started early, before Dask's config was read
         return
     running = _forkserver_pid()
     if running is not None:
@@ -134,10 +146,11 @@ def prestart_for_config(config: str | Path | None, *, early: bool = False) -> No
 def stop_prestarted_workers() -> None:
     """Stop a server :func:`prestart_workers` started that no cluster adopted (a run that ended
     before its cluster started)."""
-    global _prestarted
+    global _prestarted, _unlogged
     if _prestarted is not None and _forkserver_pid() == _prestarted:
+        log.debug("worker server %s stopped: not used", _prestarted)
         _stop_forkserver()
-    _prestarted = None
+    _prestarted = _unlogged = None
 
 
 @contextlib.contextmanager
@@ -148,6 +161,7 @@ def forkserver_workers(preload: Sequence[str]) -> Iterator[None]:
     user chose the start method."""
     global _prestarted
     if _start_method_chosen_by_user():
+        stop_prestarted_workers()  # started early, before Dask's config was read
         yield
         return
     import dask.config
