@@ -140,7 +140,8 @@ def test_peek_model_reads_the_reference_without_validating(tmp_path: Path) -> No
     assert peek_model(ROOT / "examples" / "starsim-sir" / "calibration.yaml") == "sir:simulate"
 
 
-def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path: Path) -> None:
+def _demo_run_log(tmp_path: Path) -> str:
+    """The DEBUG log of ``simcal run`` of 3 trials of the demo on 2 local workers."""
     from conftest import run_simcal
 
     done = run_simcal(
@@ -149,7 +150,11 @@ def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path:
         "--dashboard-address", "127.0.0.1:0", cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    log = done.stderr
+    return done.stderr
+
+
+def test_simcal_run_starts_the_worker_server_before_reading_its_config(tmp_path: Path) -> None:
+    log = _demo_run_log(tmp_path)
     started = log.index("worker server")
     # the demo's model module and numpy, named from its source before the config was read,
     # and before the CLI loaded (simcal.launch: the console script's first step)
@@ -164,21 +169,13 @@ def test_a_start_method_chosen_in_a_dask_config_file_stops_the_early_server(
     """The console script starts the server before it imports Dask (0.1 s sooner), so it cannot
     see a Dask config file yet; the CLI reads it and stops that server before the cluster
     starts, whose workers then start as the file says."""
-    from conftest import run_simcal
-
     config = tmp_path / "dask-config"
     config.mkdir()
     (config / "start.yaml").write_text(
         "distributed:\n  worker:\n    multiprocessing-method: spawn\n", encoding="utf-8"
     )
     monkeypatch.setenv("DASK_CONFIG", str(config))
-    done = run_simcal(
-        "--log-level", "DEBUG", "run", "--workers", "2", "--max-trials", "3",
-        "--storage", f"sqlite:///{tmp_path / 's.db'}", "--metrics-port", "0",
-        "--dashboard-address", "127.0.0.1:0", cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    log = done.stderr
+    log = _demo_run_log(tmp_path)
     assert "stopped: not used" in log, log[-3000:]
     assert log.index("stopped: not used") < log.index("starting a local cluster")
     assert "trials 3/3" in log, log[-2000:]
