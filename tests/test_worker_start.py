@@ -5,6 +5,7 @@ Real LocalClusters (2 workers), real multiprocessing forkserver; no mocks.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -35,6 +36,14 @@ def _worker_facts(client: object) -> list[tuple[int, bool]]:
     return list(client.run(facts).values())  # type: ignore[attr-defined]
 
 
+def _worker_gc(client: object) -> list[tuple[bool, int]]:
+    """(collection on, objects in the permanent generation) of every worker."""
+    def facts() -> tuple[bool, int]:
+        return gc.isenabled(), gc.get_freeze_count()
+
+    return list(client.run(facts).values())  # type: ignore[attr-defined]
+
+
 def _new_children(before: set[int]) -> list[str]:
     return [
         " ".join(p.cmdline())
@@ -56,6 +65,10 @@ def test_workers_are_forked_from_a_server_that_imported_the_preload_once() -> No
         assert server is not None and server != os.getpid()
         facts = _worker_facts(client)
         assert facts == [(server, True), (server, True)], facts
+        # what the server imported is frozen (distributed alone is over 100,000 objects),
+        # and collection is on again in the workers
+        collection = _worker_gc(client)
+        assert all(on and frozen > 100_000 for on, frozen in collection), collection
     # the cluster's close stops the server too: nothing outlives it
     assert cluster._forkserver_pid() is None
     assert not _new_children(before)
@@ -65,8 +78,18 @@ def test_a_start_method_the_user_chose_wins(spawn_chosen: None) -> None:
     with connect(_options(preload=(MARKER,))) as client:
         assert cluster._forkserver_pid() is None
         facts = _worker_facts(client)
+        collection = _worker_gc(client)
     # spawned by the driver's nannies: children of this process, MARKER not imported
     assert facts == [(os.getpid(), False), (os.getpid(), False)], facts
+    assert collection == [(True, 0), (True, 0)], collection  # nothing frozen in spawned ones
+
+
+def test_the_server_imports_with_collection_off_and_freezes_what_it_imported_last() -> None:
+    order = cluster._preload_list([MARKER, cluster.GC_FROZEN, "distributed"])
+    assert order == [
+        cluster.GC_OFF, "distributed", "simcal.tasks", "simcal.workersignals", MARKER,
+        cluster.GC_FROZEN,
+    ]
 
 
 def test_a_prestarted_server_is_adopted_by_the_cluster_and_stopped_with_it() -> None:

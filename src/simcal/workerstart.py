@@ -5,7 +5,9 @@ simcal and then the model's packages: for 4 workers of a Starsim model about 7 C
 before the first trial (docs/starsim.md). A forkserver (Python's multiprocessing, selected
 through Dask's ``distributed.worker.multiprocessing-method``) imports them once, and every
 worker (also one the nanny restarts) is forked from it: a fresh process without the driver's
-threads, given the driver's sys.path and working directory as spawn gives them.
+threads, given the driver's sys.path and working directory as spawn gives them. It imports
+with garbage collection off and freezes what it imported before it forks
+(:mod:`simcal.workergc`).
 ``simcal run`` starts it before it reads the config (:func:`prestart_for_config`, called by
 :mod:`simcal.launch` before the CLI loads), so it imports while the driver does; the cluster
 adopts it and stops it on close (:func:`forkserver_workers`). A start method the user set
@@ -36,6 +38,8 @@ WORKER_START_METHOD = "forkserver"
 _START_METHOD_KEY = "distributed.worker.multiprocessing-method"
 # what every local worker imports before its first task, beside the model's packages
 WORKER_MODULES = ("distributed", "simcal.tasks", "simcal.workersignals")
+# the server's first and last imports: no collection while it imports, then all of it frozen
+GC_OFF, GC_FROZEN = "simcal.workergc", "simcal.workergc.frozen"
 
 
 def _start_method_chosen_by_user(*, early: bool = False) -> bool:
@@ -84,9 +88,11 @@ _unlogged: str | None = None  # what an early start imports, until the CLI logs 
 
 
 def _preload_list(preload: Sequence[str]) -> list[str]:
-    """What the server imports when it starts: :data:`WORKER_MODULES` and ``preload`` (what
-    it cannot import it skips: multiprocessing.forkserver.main)."""
-    return list(dict.fromkeys([*WORKER_MODULES, *preload]))
+    """What the server imports when it starts, in order: :data:`WORKER_MODULES` and
+    ``preload`` (what it cannot import it skips: multiprocessing.forkserver.main), between
+    :data:`GC_OFF` and :data:`GC_FROZEN` (:mod:`simcal.workergc`)."""
+    modules = dict.fromkeys([*WORKER_MODULES, *preload])
+    return [GC_OFF, *(m for m in modules if m not in (GC_OFF, GC_FROZEN)), GC_FROZEN]
 
 
 def _set_preload(preload: Sequence[str]) -> None:
