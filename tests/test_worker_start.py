@@ -74,6 +74,29 @@ def test_workers_are_forked_from_a_server_that_imported_the_preload_once() -> No
     assert not _new_children(before)
 
 
+def test_the_local_clusters_dask_processes_run_their_idle_work_at_the_quiet_intervals() -> None:
+    """QUIET_DASK reaches the scheduler and the nannies (in the driver) and the workers (forked):
+    no profiler, 1 s ticks and memory monitors, a 2 s system monitor without disk counters."""
+    def facts(server: object) -> dict[str, object]:
+        timers = server.periodic_callbacks  # type: ignore[attr-defined]
+        return {
+            "tick ms": timers["tick"].callback_time,
+            "system monitor ms": timers["monitor"].callback_time,
+            "disk counters": server.monitor.monitor_disk_io,  # type: ignore[attr-defined]
+            "profiler": "profile" in timers,
+            "memory monitor ms": getattr(timers.get("memory_monitor"), "callback_time", None),
+        }
+
+    quiet = {"tick ms": 1000, "system monitor ms": 2000, "disk counters": False, "profiler": False}
+    with connect(_options()) as client:
+        workers = list(client.run(lambda dask_worker: facts(dask_worker)).values())
+        scheduler = client.run_on_scheduler(lambda dask_scheduler: facts(dask_scheduler))
+        nannies = list(client.run(lambda dask_worker: facts(dask_worker), nanny=True).values())
+    assert workers == [{**quiet, "memory monitor ms": 1000}] * 2, workers
+    assert nannies == [{**quiet, "memory monitor ms": 1000}] * 2, nannies
+    assert {k: scheduler[k] for k in quiet} == quiet, scheduler
+
+
 def test_a_start_method_the_user_chose_wins(spawn_chosen: None) -> None:
     with connect(_options(preload=(MARKER,))) as client:
         assert cluster._forkserver_pid() is None

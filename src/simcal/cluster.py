@@ -171,13 +171,17 @@ def check_versions(client: Client) -> None:
 
 
 # Dask's idle work per process (a 10 ms stack profiler, a 20 ms event-loop tick, a 100 ms
-# memory monitor) costs about a core at 32 workers on a small machine (docs/performance.md).
-# The local cluster's scheduler and workers (which inherit the driver's config) run without
-# the profiler and with 1 s ticks; the chart sets the same through DASK_* variables.
+# memory monitor, a 500 ms system monitor reading every disk's counters) costs about a core
+# at 32 workers on a small machine (docs/performance.md). The local cluster's scheduler,
+# nannies and workers (which inherit the driver's config) run without the profiler, with 1 s
+# ticks and a 2 s system monitor that skips disks (the dashboard's System page loses its disk
+# plot); the chart sets the same through DASK_* variables.
 QUIET_DASK = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "1s",
     "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
 }
 
 

@@ -334,8 +334,9 @@ share; simcal.tlsEnv is the same as Dask config, for plain `distributed.Client` 
 {{- end }}
 
 {{/* Quiet Dask on scheduler and workers (docs/performance.md): no worker profiler, 1 s
-event-loop tick and memory monitor. A variable of the same name in extraEnv comes later
-in the list and wins. */}}
+event-loop tick and memory monitor, a 2 s system monitor without disk counters (QUIET_DASK
+in simcal/cluster.py). A variable of the same name in extraEnv comes later in the list and
+wins. */}}
 {{- define "simcal.quietDaskEnv" -}}
 - name: DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED
   value: "False"
@@ -343,6 +344,10 @@ in the list and wins. */}}
   value: 1s
 - name: DASK_DISTRIBUTED__WORKER__MEMORY__MONITOR_INTERVAL
   value: 1s
+- name: DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL
+  value: 2s
+- name: DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__DISK
+  value: "False"
 {{- end }}
 
 {{/*
