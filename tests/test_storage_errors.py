@@ -389,7 +389,11 @@ def test_run_survives_a_postgres_restart_and_never_shows_the_password(
         assert driver.alive(), driver.output()[-3000:]
         server.stop("fast")  # every connection is dropped
         try:
+            # down for at least 3 s, and until the driver met the outage (a call of its own
+            # may wait out a short one and succeed on the restarted server: no retry to see)
             time.sleep(3)
+            wait_until(lambda: "retrying in" in driver.output() or not driver.alive(), 30,
+                       "the driver to retry")
         finally:
             server.start()
         while driver.alive():
@@ -400,7 +404,7 @@ def test_run_survives_a_postgres_restart_and_never_shows_the_password(
         status = driver.wait(10)
     output = driver.output()
     assert status == 0, output[-4000:]
-    assert "retrying in" in output, "the restart caused no retry"
+    assert "retrying in" in output, "the restart caused no retry:\n" + output[-6000:]
     _no_traceback(output)
 
     study = optuna.load_study(study_name="synthetic-test", storage=url)
