@@ -6,8 +6,8 @@ model's packages (:mod:`simcal.workerstart`). Python's advice for such a server 
 first), and every object it made moved to the permanent generation before the first fork
 (:mod:`simcal.workergc.frozen`, imported last), with collection back on. A worker's full
 collections then skip the hundreds of thousands of objects it inherited (a Starsim model's
-server holds about 430,000; one full collection over them took 0.13 s, about one in every
-thirty simulations) and never write to their pages, which stay shared with the server.
+server holds about 430,000; one full collection over them took 0.13-0.15 s, one in every
+30 to 60 simulations) and never write to their pages, which stay shared with the server.
 
 Imported only through the server's preload list (:func:`simcal.workerstart._preload_list`),
 as its first and last entries: importing a module is all ``multiprocessing.forkserver`` can
