@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 from distributed import Client
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from simcal.bench.throughput import _Silent
 from simcal.bench.workload import MODEL, PARAMS, steady_rate
@@ -38,6 +38,7 @@ from simcal.metrics import Metrics
 from simcal.samplers import make_sampler
 from simcal.service import SimulationService
 from simcal.storage import open_study
+from simcal.trials import SURPLUS, counted
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,15 @@ def _reap(others: list[subprocess.Popen], directory: str) -> tuple[float, list[d
     return cpu, summaries
 
 
+def told_trials(trials: list[FrozenTrial]) -> tuple[list[FrozenTrial], int, int]:
+    """The completed trials, how many were told as the budget counts them, and how many are
+    surplus: asked over the budget in a race between drivers, never run, not counted (the
+    drivers' own stats leave them out too)."""
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    told = sum(1 for t in trials if counted(t))
+    return completed, told, sum(1 for t in trials if t.user_attrs.get(SURPLUS))
+
+
 def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
     """Start the scheduler and workers as processes, run the driver here, measure."""
     dask = str(Path(sys.executable).with_name("dask"))
@@ -214,10 +224,8 @@ def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
             others_cpu, summaries = _reap(others, directory)
             cpu, wall = own_cpu + others_cpu, time.perf_counter() - wall
             sched_cpu = sum(sched.cpu_times()[:2]) - sched_cpu
-            trials = study.get_trials(deepcopy=False)
-            completed = [t for t in trials if t.state == TrialState.COMPLETE]
+            completed, told, surplus = told_trials(study.get_trials(deepcopy=False))
             times = [t.datetime_complete.timestamp() for t in completed]
-            told = sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL))
             log.info(
                 "scale run: %d trials in %.0f s; profiling %d more",
                 len(times),
@@ -262,6 +270,7 @@ def scale_run(settings: ScaleSettings, out: Path) -> dict[str, Any]:
         "slots": settings.slots,
         "completed": len(completed),
         "failed": told - len(completed),
+        "surplus": surplus,
         "told_by_driver": [stats.completed + stats.failed]
         + [s["this_run"]["completed"] + s["this_run"]["failed"] for s in summaries],
         "elapsed_seconds": round(wall, 1),
