@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask.config
 import pytest
 import yaml
 from dask_kubernetes.operator.controller import (
@@ -27,6 +28,7 @@ from chart import (
     render,
 )
 from kube_schemas import is_custom, kube_versions, validate_builtin, validate_custom_resource
+from simcal.cluster import QUIET_DASK
 
 CALIBRATION_JOB = K8S_DIR / "calibration-job.yaml"
 DASKJOB = K8S_DIR / "daskjob.yaml"
@@ -189,6 +191,21 @@ def test_daskjob_containers_are_the_charts(daskjob, chart_objects):
     args[index + 1] = chart_driver["args"][index + 1]
     assert args == chart_driver["args"]
     assert {**driver, "args": args} == chart_driver
+
+
+def test_the_charts_dask_containers_run_quiet_as_the_local_cluster(chart_objects):
+    """The chart's scheduler and workers get QUIET_DASK (simcal/cluster.py) as DASK_* variables,
+    read as Dask reads them; the DaskJob's containers are the chart's (test above)."""
+    cluster = find(chart_objects, "DaskCluster")["spec"]
+    for role in ("scheduler", "worker"):
+        env = {
+            name: value
+            for name, value in env_map(container(cluster[role]["spec"], role)).items()
+            if name.startswith("DASK_") and isinstance(value, str)
+        }
+        config = dask.config.collect_env(env)
+        read = {key: dask.config.get(key, default=None, config=config) for key in QUIET_DASK}
+        assert read == QUIET_DASK, role
 
 
 def test_operator_builds_the_daskjob_pods(daskjob):
